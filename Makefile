@@ -1,0 +1,51 @@
+# make demo | make test | make build | make bench | make clean
+# Every target sets up .venv/ on first use (dependencies from constraints.txt, then the
+# extension built with --no-build-isolation) and reuses it afterwards.
+
+PYTHON3 ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip --disable-pip-version-check
+CMAKE_BUILD := build/cmake
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py tools/cuda_toolkit.py
+
+.PHONY: all setup build demo test test-python test-cpp bench clean
+all: test
+
+$(VENV)/.deps-installed: constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt --upgrade pip setuptools wheel ninja cmake
+	$(PIP) install -q -c constraints.txt torch torchvision
+	$(PIP) install -q -c constraints.txt numpy safetensors tqdm pytest hypothesis pytest-benchmark scipy torchmetrics open_clip_torch
+	touch $@
+
+# --no-deps: the dependencies are installed above, pinned; --no-build-isolation: reuse that torch.
+$(VENV)/.ext-built: $(VENV)/.deps-installed $(CSRC)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import bayesvlm_ext as b; print('bayesvlm_ext', b.__version__, 'compiled:', b.build_info())"
+	touch $@
+
+setup: $(VENV)/.ext-built
+build: setup
+
+demo: setup
+	$(PY) -m bayesvlm_ext.demo
+
+test-cpp: setup
+	mkdir -p build
+	$(VENV)/bin/cmake -S . -B $(CMAKE_BUILD) -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" $$($(PY) tools/cuda_toolkit.py --cmake) > $(CMAKE_BUILD).configure.log 2>&1 || (cat $(CMAKE_BUILD).configure.log; exit 1)
+	$(VENV)/bin/cmake --build $(CMAKE_BUILD) -j 2
+	cd $(CMAKE_BUILD) && ../../$(VENV)/bin/ctest --output-on-failure
+
+test-python: setup
+	$(PY) -m pytest tests
+
+test: test-cpp test-python
+
+bench: setup
+	$(PY) -m pytest benchmarks --benchmark-only
+
+clean:
+	rm -rf build $(VENV) *.egg-info bayesvlm_ext/_C*.so

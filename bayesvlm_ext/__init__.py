@@ -1,0 +1,19 @@
+"""bayesvlm_ext: calibrated uncertainty for vision-language models without retraining.
+
+The mathematics is SPEC.md; the README maps each section to the names below.
+"""
+
+from . import ops, reference
+from ._extension import backend, build_info, has_extension
+from .distribution import CovarianceForm, EmbeddingDistribution
+from .moments import Variant, cosine_moments
+from .posterior import Damping, FactorReport, KronPosterior
+from .predictive import Link, accuracy, ece, nlpd, predictive
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KronPosterior", "Damping", "FactorReport", "EmbeddingDistribution", "CovarianceForm", "cosine_moments",
+    "Variant", "predictive", "Link", "accuracy", "nlpd", "ece", "backend", "build_info", "has_extension", "ops",
+    "reference", "__version__",
+]

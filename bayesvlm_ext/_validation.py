@@ -1,0 +1,99 @@
+"""Argument checks shared by the public API: each failure is a ValueError naming the argument."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# A factor is "clearly non-symmetric" past this relative asymmetry max|X - X^T| / max|X|;
+# published factors reach 3e-7 (float32 round-off), SPEC.md section 2.
+SYMMETRY_RTOL = 1e-4
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for every other floating dtype (SPEC.md: sums in fp32/fp64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_tensor(name: str, x, *, dim: int | None = None, floating: bool = True) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"argument '{name}' must be a torch.Tensor, got {type(x).__name__}")
+    if dim is not None and x.dim() != dim:
+        raise ValueError(f"argument '{name}' must be {dim}-D, got shape {tuple(x.shape)}")
+    if floating and x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"argument '{name}' must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    return x
+
+
+def check_shape(name: str, x: Tensor, shape: tuple, what: str = "") -> None:
+    if tuple(x.shape) != tuple(shape):
+        hint = f" ({what})" if what else ""
+        raise ValueError(f"argument '{name}' must have shape {tuple(shape)}{hint}, got {tuple(x.shape)}")
+
+
+def check_finite(name: str, x: Tensor) -> None:
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"argument '{name}' contains NaN or Inf")
+
+
+def check_same_device(**tensors: Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"'{n}' on {d}" for n, d in devices.items())
+        raise ValueError(f"arguments must be on one device, got {listed}")
+
+
+def check_positive_scalar(name: str, value) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"argument '{name}' must be a positive scalar, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"argument '{name}' must be a positive finite number, got {value!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"argument '{name}' must be a positive finite number, got {value}")
+    return value
+
+
+def check_finite_scalar(name: str, value) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"argument '{name}' must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"argument '{name}' must be a finite number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"argument '{name}' must be a finite number, got {value}")
+    return value
+
+
+def check_symmetric_factor(name: str, x: Tensor, size: int, what: str) -> tuple[Tensor, float]:
+    """A square, finite, nearly symmetric factor of the given size: ((X + X^T)/2 in float64, max|X - X^T|)."""
+    check_tensor(name, x, dim=2)
+    if x.shape[0] != x.shape[1]:
+        raise ValueError(f"argument '{name}' must be square, got shape {tuple(x.shape)}")
+    check_shape(name, x, (size, size), what)
+    check_finite(name, x)
+    x64 = x.detach().to(torch.float64)
+    scale = float(x64.abs().max()) if x64.numel() else 0.0
+    asymmetry = float((x64 - x64.T).abs().max()) if x64.numel() else 0.0
+    if asymmetry > SYMMETRY_RTOL * scale:
+        raise ValueError(f"argument '{name}' must be symmetric: max|X - X^T| = {asymmetry:.3g} exceeds "
+                         f"{SYMMETRY_RTOL:g} * max|X| = {SYMMETRY_RTOL * scale:.3g}")
+    return (x64 + x64.T) / 2, asymmetry
+
+
+def parse_enum(name: str, value, enum_cls):
+    try:
+        return enum_cls(value)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in enum_cls)
+        raise ValueError(f"argument '{name}' must be one of {allowed}, got {value!r}") from None

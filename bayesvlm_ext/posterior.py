@@ -1,0 +1,412 @@
+"""KronPosterior: the Kronecker-factored Laplace posterior over one tower's last linear layer.
+
+SPEC.md sections 2, 3 and 10. Factors are symmetrised on construction; their eigendecompositions
+(float64, negative eigenvalues clamped to 0) are computed once, on first use, and everything else
+(inverses, log-determinants, the marginal likelihood and its optimum, samples) is algebra on them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+from . import ops
+from ._validation import (accumulation_dtype, check_finite, check_positive_scalar, check_same_device, check_shape,
+                          check_symmetric_factor, check_tensor, parse_enum)
+from .distribution import EmbeddingDistribution
+
+logger = logging.getLogger("bayesvlm_ext")
+
+SAVE_FORMAT = "bayesvlm_ext.KronPosterior"
+SAVE_VERSION = 1
+TENSORS_FILE = "posterior.safetensors"
+CONFIG_FILE = "posterior.json"
+
+
+class Damping(str, Enum):
+    KRON = "kron"  # precision (sqrt(n) A + sqrt(lam) I) x (sqrt(n) B + sqrt(lam) I)
+    EXACT = "exact"  # precision n (A x B) + lam I
+
+
+@dataclass(frozen=True)
+class FactorReport:
+    """What symmetrising and clamping did to one factor (SPEC.md section 2)."""
+
+    name: str  # "A" or "B"
+    size: int
+    asymmetry: float  # max |X - X^T| of the factor as given
+    num_clamped: int  # eigenvalues below 0, set to 0
+    min_eigenvalue: float  # before clamping
+    max_eigenvalue: float
+    clamped_mass: float  # sum of the clamped eigenvalues' magnitudes
+
+
+class KronPosterior:
+    """Gaussian posterior over W (D x P, plus a bias column when there is a bias) of one tower.
+
+    Args:
+      A: [P, P] input-side factor, [P+1, P+1] with a bias (the constant 1 is the last feature).
+      B: [D, D] output-side factor.
+      weight: [D, P] MAP weight, the nn.Linear convention (pass open_clip's `proj` [P, D] as `proj.T`).
+      bias: [D] or None.
+      prior_precision: lam > 0.  pseudo_count: n > 0.  damping: "kron" or "exact".
+    All tensors are copied (never modified) and kept in float64 on their device.
+    """
+
+    def __init__(self, A: Tensor, B: Tensor, weight: Tensor, bias: Tensor | None = None,
+                 prior_precision: float = 1.0, pseudo_count: float = 1.0, damping: str | Damping = "kron"):
+        check_tensor("weight", weight, dim=2)
+        out_features, in_features = weight.shape
+        if out_features == 0 or in_features == 0:
+            raise ValueError(f"argument 'weight' must be [D, P] with D, P >= 1, got {tuple(weight.shape)}")
+        check_finite("weight", weight)
+        if bias is not None:
+            check_tensor("bias", bias, dim=1)
+            check_shape("bias", bias, (out_features,), "[D] to match weight [D, P]")
+            check_finite("bias", bias)
+        check_same_device(A=A, B=B, weight=weight, bias=bias)
+        p = in_features + (bias is not None)
+        a_what = "[P+1, P+1]: weight [D, P] plus the bias column" if bias is not None else "[P, P] to match weight [D, P]"
+        self.A, asym_a = check_symmetric_factor("A", A, p, a_what)
+        self.B, asym_b = check_symmetric_factor("B", B, out_features, "[D, D] to match weight [D, P]")
+        self._asymmetry = {"A": asym_a, "B": asym_b}
+        self.weight = weight.detach().to(torch.float64, copy=True)
+        self.bias = None if bias is None else bias.detach().to(torch.float64, copy=True)
+        self.damping = parse_enum("damping", damping, Damping)
+        self._prior_precision = check_positive_scalar("prior_precision", prior_precision)
+        self._pseudo_count = check_positive_scalar("pseudo_count", pseudo_count)
+        self._eig: dict[str, tuple[Tensor, Tensor, FactorReport]] = {}
+        self._derived: dict[tuple, dict[str, Tensor]] = {}
+
+    # ---- sizes and hyper-parameters -------------------------------------------------------------
+    @property
+    def in_features(self) -> int:
+        """P, the feature size without the bias column."""
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        """D, the embedding size."""
+        return self.weight.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    @property
+    def prior_precision(self) -> float:
+        return self._prior_precision
+
+    @prior_precision.setter
+    def prior_precision(self, value: float) -> None:
+        self._prior_precision = check_positive_scalar("prior_precision", value)
+        self._derived.clear()
+
+    @property
+    def pseudo_count(self) -> float:
+        return self._pseudo_count
+
+    @pseudo_count.setter
+    def pseudo_count(self, value: float) -> None:
+        self._pseudo_count = check_positive_scalar("pseudo_count", value)
+        self._derived.clear()
+
+    def __repr__(self) -> str:
+        return (f"KronPosterior(D={self.out_features}, P={self.in_features}, bias={self.bias is not None}, "
+                f"damping={self.damping.value!r}, prior_precision={self.prior_precision:g}, "
+                f"pseudo_count={self.pseudo_count:g}, device={self.device})")
+
+    # ---- eigendecompositions ----------------------------------------------------------------------
+    def _factor_eig(self, name: str) -> tuple[Tensor, Tensor, FactorReport]:
+        """(clamped eigenvalues [n], eigenvectors [n, n], report), float64, computed once."""
+        if name not in self._eig:
+            values, vectors = torch.linalg.eigh(self.A if name == "A" else self.B)
+            negative = values < 0
+            report = FactorReport(name=name, size=values.numel(), asymmetry=self._asymmetry[name],
+                                  num_clamped=int(negative.sum()), min_eigenvalue=float(values.min()),
+                                  max_eigenvalue=float(values.max()), clamped_mass=float(-values[negative].sum()))
+            if report.num_clamped:
+                logger.info("factor %s: clamped %d negative eigenvalues (min %.3g, total %.3g) to 0", name,
+                            report.num_clamped, report.min_eigenvalue, report.clamped_mass)
+            self._eig[name] = (values.clamp_min(0), vectors, report)
+        return self._eig[name]
+
+    @property
+    def factor_report(self) -> dict[str, FactorReport]:
+        """{"A": FactorReport, "B": FactorReport}: asymmetry and clamped eigenvalues of each factor."""
+        return {name: self._factor_eig(name)[2] for name in ("A", "B")}
+
+    def _damped_eigenvalues(self, prior_precision: float) -> tuple[Tensor, Tensor]:
+        """kron: eigenvalues of A_d [p] and B_d [q]; exact: n a [p] and e [q] (precision n a_i e_j + lam)."""
+        a, e = self._factor_eig("A")[0], self._factor_eig("B")[0]
+        if self.damping is Damping.KRON:
+            root_n, root_lam = math.sqrt(self.pseudo_count), math.sqrt(prior_precision)
+            return root_n * a + root_lam, root_n * e + root_lam
+        return self.pseudo_count * a, e
+
+    def _derived_for(self, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+        """Tensors that embed() needs, in `dtype` on `device`; cached until lam or n change."""
+        key = (dtype, device)
+        if key not in self._derived:
+            qa, qb = self._factor_eig("A")[1], self._factor_eig("B")[1]
+            da, db = self._damped_eigenvalues(self.prior_precision)
+            P = self.in_features
+            t = {"weight": self.weight, "basis_B": qb}
+            if self.bias is not None:
+                t["bias"] = self.bias
+            if self.damping is Damping.KRON:
+                a_inv = _symmetrised((qa / da) @ qa.T)
+                t["A_inv_features"] = a_inv[:P, :P].contiguous()
+                if self.bias is not None:
+                    t["A_inv_cross"], t["A_inv_const"] = a_inv[:P, P], a_inv[P, P]
+                t["B_inv"] = _symmetrised((qb / db) @ qb.T)
+                t["B_inv_eigvals"] = 1 / db
+            else:
+                t["Qa_features"] = qa[:P].contiguous()
+                if self.bias is not None:
+                    t["Qa_const"] = qa[P]
+                t["K"] = 1 / (da[:, None] * db[None, :] + self.prior_precision)  # [p, q]
+            self._derived[key] = {name: v.to(device=device, dtype=dtype) for name, v in t.items()}
+        return self._derived[key]
+
+    # ---- the distribution of embeddings (SPEC.md section 3) ---------------------------------------
+    def embed(
+        self,
+        phi: Tensor,  # [N, P] features entering the layer; fp16, bf16, fp32 or fp64
+        residual: Tensor | None = None,  # [N, D] fixed residual added to the output (SigLIP image tower)
+    ) -> EmbeddingDistribution:  # mean [N, D], covariance in "kron" or "eigen" form
+        """g = W phi + b (+ r) as a Gaussian: mean and structured covariance (SPEC.md section 3).
+
+        damping "kron" gives S_i = alpha_i B_d^-1 with alpha_i = phi_i^T A_d^-1 phi_i ("kron" form);
+        "exact" gives S_i = Q_B diag(k_i) Q_B^T ("eigen" form). Computed in float32 (float64 for
+        float64 input); differentiable with respect to phi.
+        """
+        check_tensor("phi", phi, dim=2)
+        if phi.shape[1] != self.in_features:
+            raise ValueError(f"argument 'phi' must be [N, {self.in_features}] (P of weight [D, P]), "
+                             f"got {tuple(phi.shape)}")
+        if phi.device != self.device:
+            raise ValueError(f"argument 'phi' must be on the posterior's device {self.device}, got {phi.device}")
+        check_finite("phi", phi)
+        dtype = accumulation_dtype(phi.dtype)
+        t = self._derived_for(dtype, phi.device)
+        x = phi.to(dtype)
+        mean = x @ t["weight"].T
+        if self.bias is not None:
+            mean = mean + t["bias"]
+        if residual is not None:
+            check_tensor("residual", residual, dim=2)
+            check_shape("residual", residual, (phi.shape[0], self.out_features), "[N, D]")
+            if residual.device != phi.device:
+                raise ValueError(f"argument 'residual' must be on {phi.device}, got {residual.device}")
+            check_finite("residual", residual)
+            mean = mean + residual.to(dtype)
+        if self.damping is Damping.KRON:
+            alpha = ops.kron_quadform(phi, t["A_inv_features"])
+            if self.bias is not None:  # [phi, 1]^T A^-1 [phi, 1] = phi^T A11 phi + 2 phi^T a12 + a22
+                alpha = alpha + 2 * (x @ t["A_inv_cross"]) + t["A_inv_const"]
+            return EmbeddingDistribution.kron(mean, alpha, t["B_inv"], t["B_inv_eigvals"], t["basis_B"])
+        z = x @ t["Qa_features"]
+        if self.bias is not None:
+            z = z + t["Qa_const"]
+        return EmbeddingDistribution.eigen(mean, (z * z) @ t["K"], t["basis_B"])
+
+    # ---- evidence and the prior precision (SPEC.md section 2) --------------------------------------
+    def _map_sq_norm(self) -> float:
+        """||W*||^2, the bias included."""
+        total = float((self.weight**2).sum())
+        return total + (0.0 if self.bias is None else float((self.bias**2).sum()))
+
+    def logdet(self, prior_precision: float | None = None) -> float:
+        """log det of the posterior precision at `prior_precision` (default: the current lam)."""
+        lam = self.prior_precision if prior_precision is None else check_positive_scalar("prior_precision",
+                                                                                         prior_precision)
+        da, db = self._damped_eigenvalues(lam)
+        p, q = da.numel(), db.numel()
+        if self.damping is Damping.KRON:
+            return float(q * da.log().sum() + p * db.log().sum())
+        return float(torch.log(da[:, None] * db[None, :] + lam).sum())
+
+    def log_marginal_likelihood(self, prior_precision: float | None = None) -> float:
+        """-1/2 lam ||W*||^2 + 1/2 p q log lam - 1/2 logdet(precision), up to the lam-free data term."""
+        lam = self.prior_precision if prior_precision is None else check_positive_scalar("prior_precision",
+                                                                                         prior_precision)
+        p, q = self.A.shape[0], self.B.shape[0]
+        return -0.5 * lam * self._map_sq_norm() + 0.5 * p * q * math.log(lam) - 0.5 * self.logdet(lam)
+
+    def _evidence_slope(self, log_lam: float) -> float:
+        """2 d/d(log lam) of log_marginal_likelihood; strictly decreasing in lam, so its root is the optimum."""
+        lam = math.exp(log_lam)
+        p, q = self.A.shape[0], self.B.shape[0]
+        if self.damping is Damping.KRON:
+            a, e = self._factor_eig("A")[0], self._factor_eig("B")[0]
+            root_n, root_lam = math.sqrt(self.pseudo_count), math.sqrt(lam)
+            fit = 0.5 * q * float((root_lam / (root_n * a + root_lam)).sum()) + 0.5 * p * float(
+                (root_lam / (root_n * e + root_lam)).sum())
+            return p * q - lam * self._map_sq_norm() - fit
+        da, db = self._damped_eigenvalues(lam)
+        curvature = da[:, None] * db[None, :]
+        return float((curvature / (curvature + lam)).sum()) - lam * self._map_sq_norm()
+
+    def optimize_prior_precision(self, rtol: float = 1e-12) -> float:
+        """Set lam to the maximiser of the marginal likelihood and return it.
+
+        A bracketed bisection on log lam over the cached eigenvalues: each step is O(p q), no new
+        decomposition, milliseconds in all.
+        """
+        if self._map_sq_norm() == 0:
+            raise ValueError("the MAP weight is zero: the marginal likelihood has no finite optimum in lam")
+        lo = hi = math.log(self.prior_precision)
+        if self._evidence_slope(lo) > 0:
+            step = 1.0
+            while self._evidence_slope(hi) > 0:
+                lo, hi, step = hi, hi + step, 2 * step
+                if hi > 700:
+                    raise ValueError("the marginal likelihood increases without bound in lam")
+        else:
+            step = 1.0
+            while self._evidence_slope(lo) <= 0:
+                hi, lo, step = lo, lo - step, 2 * step
+                if lo < -700:
+                    raise ValueError("the marginal likelihood is maximised as lam -> 0 (are the factors zero?)")
+        while hi - lo > rtol:
+            mid = 0.5 * (lo + hi)
+            if self._evidence_slope(mid) > 0:
+                lo = mid
+            else:
+                hi = mid
+        self.prior_precision = math.exp(0.5 * (lo + hi))
+        return self.prior_precision
+
+    # ---- sampling (SPEC.md section 2) --------------------------------------------------------------
+    def sample_weights(
+        self,
+        k: int,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> tuple[Tensor, Tensor | None]:  # weights [k, D, P], biases [k, D] or None
+        """k joint samples of (W, b) from the posterior, on the posterior's device."""
+        if not isinstance(k, int) or k < 0:
+            raise ValueError(f"argument 'k' must be a non-negative int, got {k!r}")
+        qa, qb = self._factor_eig("A")[1], self._factor_eig("B")[1]
+        da, db = self._damped_eigenvalues(self.prior_precision)
+        z = torch.randn((k, self.out_features, qa.shape[0]), dtype=torch.float64, device=self.device,
+                        generator=generator)
+        if self.damping is Damping.KRON:  # L_B Z L_A^T with L L^T = inverse of the damped factor
+            delta = (qb * db.rsqrt()) @ z @ (qa * da.rsqrt()).T
+        else:  # rotate to the eigenbases and scale entry (j, i) by (n a_i e_j + lam)^-1/2
+            scale = (db[:, None] * da[None, :] + self.prior_precision).rsqrt()
+            delta = qb @ (z * scale) @ qa.T
+        P = self.in_features
+        weights = (self.weight + delta[..., :P]).to(dtype)
+        biases = None if self.bias is None else (self.bias + delta[..., P]).to(dtype)
+        return weights, biases
+
+    # ---- persistence (SPEC.md section 10) -----------------------------------------------------------
+    def to(self, device: torch.device | str) -> "KronPosterior":
+        """A copy on `device` (cached decompositions are moved, not recomputed)."""
+        moved = KronPosterior.__new__(KronPosterior)
+        moved.__dict__.update(self.__dict__)
+        moved.A, moved.B, moved.weight = self.A.to(device), self.B.to(device), self.weight.to(device)
+        moved.bias = None if self.bias is None else self.bias.to(device)
+        moved._eig = {n: (v.to(device), q.to(device), r) for n, (v, q, r) in self._eig.items()}
+        moved._derived = {}
+        return moved
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write `path/posterior.safetensors` (A, B, weight, bias in float64) and `path/posterior.json`."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        tensors = {"A": self.A, "B": self.B, "weight": self.weight}
+        if self.bias is not None:
+            tensors["bias"] = self.bias
+        save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, os.path.join(path, TENSORS_FILE))
+        config = {"format": SAVE_FORMAT, "version": SAVE_VERSION, "prior_precision": self.prior_precision,
+                  "pseudo_count": self.pseudo_count, "damping": self.damping.value, "in_features": self.in_features,
+                  "out_features": self.out_features, "has_bias": self.bias is not None,
+                  "factor_report": {n: asdict(r) for n, (_, _, r) in self._eig.items()}}
+        with open(os.path.join(path, CONFIG_FILE), "w") as f:
+            json.dump(config, f, indent=2)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: torch.device | str = "cpu") -> "KronPosterior":
+        """Read a posterior written by `save`; the result equals the saved one exactly."""
+        from safetensors.torch import load_file
+
+        tensors_file, config_file = os.path.join(path, TENSORS_FILE), os.path.join(path, CONFIG_FILE)
+        for file in (tensors_file, config_file):
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"KronPosterior.load: missing file {file}")
+        with open(config_file) as f:
+            config = json.load(f)
+        for key in ("format", "prior_precision", "pseudo_count", "damping", "has_bias"):
+            if key not in config:
+                raise ValueError(f"KronPosterior.load: {config_file} lacks the key '{key}'")
+        if config["format"] != SAVE_FORMAT:
+            raise ValueError(f"KronPosterior.load: {config_file} has format {config['format']!r}, "
+                             f"expected {SAVE_FORMAT!r}")
+        tensors = load_file(tensors_file, device=str(torch.device(map_location)))
+        needed = ("A", "B", "weight") + (("bias",) if config["has_bias"] else ())
+        for name in needed:
+            if name not in tensors:
+                raise ValueError(f"KronPosterior.load: {tensors_file} lacks the tensor '{name}'")
+        return cls(tensors["A"], tensors["B"], tensors["weight"], tensors.get("bias"),
+                   prior_precision=config["prior_precision"], pseudo_count=config["pseudo_count"],
+                   damping=config["damping"])
+
+    @classmethod
+    def from_bayesvlm_dir(
+        cls,
+        path: str | os.PathLike,
+        tower: str,  # "img" or "txt"
+        weight: Tensor,  # [D, P]
+        bias: Tensor | None = None,  # [D]
+        damping: str | Damping = "kron",
+        map_location: torch.device | str = "cpu",
+    ) -> "KronPosterior":
+        """Load one tower from the published factor directory (SPEC.md section 10).
+
+        Reads `A_<tower>_analytic.pt`, `B_<tower>_analytic.pt` (with weights_only=True, so nothing but
+        tensors is unpickled; CUDA-saved factors load on CPU) and lam, n from `prior_precision_analytic.json`.
+        """
+        if tower not in ("img", "txt"):
+            raise ValueError(f"argument 'tower' must be 'img' or 'txt', got {tower!r}")
+        check_tensor("weight", weight, dim=2)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"factor directory {path} does not exist")
+        files = {name: os.path.join(path, f"{name}_{tower}_analytic.pt") for name in ("A", "B")}
+        json_file = os.path.join(path, "prior_precision_analytic.json")
+        for file in (*files.values(), json_file):
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"factor directory {path}: missing file {os.path.basename(file)}")
+        D, P = weight.shape
+        expected = {"A": P + (bias is not None), "B": D}
+        factors = {}
+        for name, file in files.items():
+            factor = torch.load(file, map_location=map_location, weights_only=True)
+            if not isinstance(factor, Tensor):
+                raise ValueError(f"{file} must hold one tensor, got {type(factor).__name__}")
+            size = expected[name]
+            if tuple(factor.shape) != (size, size):
+                raise ValueError(f"{file} has shape {tuple(factor.shape)}; weight [D, P] = {(D, P)} "
+                                 f"{'with' if bias is not None else 'without'} bias needs ({size}, {size})")
+            factors[name] = factor.to(weight.device)
+        with open(json_file) as f:
+            hyper = json.load(f)
+        for key in (f"lambda_{tower}", f"n_{tower}"):
+            if key not in hyper:
+                raise ValueError(f"{json_file} lacks the key '{key}'")
+        return cls(factors["A"], factors["B"], weight, bias, prior_precision=hyper[f"lambda_{tower}"],
+                   pseudo_count=hyper[f"n_{tower}"], damping=damping)
+
+
+def _symmetrised(x: Tensor) -> Tensor:
+    return (x + x.T) / 2

@@ -1,0 +1,72 @@
+"""Build bayesvlm_ext._C: CPU kernels always, CUDA kernels whenever a CUDA toolkit is found.
+
+Environment knobs (all optional):
+  BAYESVLM_EXT_FORCE_CPU=1    build the CPU kernels only, even when a toolkit is present
+  BAYESVLM_EXT_FORCE_CUDA=1   fail unless the CUDA kernels can be built
+  BAYESVLM_EXT_DEBUG=1        -O0 -g (and -G for device code)
+  TORCH_CUDA_ARCH_LIST        CUDA architectures, default "8.0;9.0"
+  CUDA_HOME                   toolkit root; otherwise found from the real nvcc on PATH
+
+The toolkit is found from what nvcc itself reports, not from the folder of the `nvcc` on
+PATH, which may be a wrapper script. A GPU is never needed to build.
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
+from cuda_toolkit import find_cuda_home  # noqa: E402
+
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
+
+
+def _flag(name):
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def extensions():
+    force_cpu, force_cuda, debug = _flag("BAYESVLM_EXT_FORCE_CPU"), _flag("BAYESVLM_EXT_FORCE_CUDA"), _flag(
+        "BAYESVLM_EXT_DEBUG")
+    if force_cpu and force_cuda:
+        raise RuntimeError("BAYESVLM_EXT_FORCE_CPU and BAYESVLM_EXT_FORCE_CUDA are both set; pick one")
+    cuda_home = None if force_cpu else find_cuda_home()
+    if force_cuda and cuda_home is None:
+        raise RuntimeError("BAYESVLM_EXT_FORCE_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME)")
+    if cuda_home is not None:
+        # torch.utils.cpp_extension reads CUDA_HOME once, at import: set it first.
+        os.environ["CUDA_HOME"] = cuda_home
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags += ["-fopenmp"]
+    extra = dict(include_dirs=[os.path.join(here, "csrc")], extra_link_args=["-fopenmp"])
+    if cuda_home is None:
+        print("bayesvlm_ext: building CPU kernels only")
+        return [CppExtension("bayesvlm_ext._C", sources, extra_compile_args={"cxx": cxx_flags}, **extra)]
+    print(f"bayesvlm_ext: building CPU and CUDA kernels with the toolkit at {cuda_home} "
+          f"for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
+    nvcc_flags += ["--expt-relaxed-constexpr"]
+    return [CUDAExtension("bayesvlm_ext._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+                          **extra)]
+
+
+def build_ext_class():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+
+
+setup(
+    packages=find_packages(include=["bayesvlm_ext", "bayesvlm_ext.*"]),
+    ext_modules=extensions(),
+    cmdclass={"build_ext": build_ext_class()},
+)
