@@ -1,0 +1,307 @@
+"""KronPosterior against float64 brute force: dense Kronecker covariances, torch.logdet, grid search."""
+
+import json
+import math
+import os
+import pickle
+
+import pytest
+import torch
+from testing import spd
+
+from bayesvlm_ext import EmbeddingDistribution, KronPosterior
+
+D, P = 3, 4  # p = P (+1 with bias) differs from q = D on purpose
+
+
+def make_posterior(generator, *, bias=True, damping="kron", lam=0.7, n=2.5):
+    p = P + bias
+    A, B = spd(p, generator), spd(D, generator)
+    weight = torch.randn(D, P, generator=generator, dtype=torch.float64)
+    b = torch.randn(D, generator=generator, dtype=torch.float64) if bias else None
+    return KronPosterior(A, B, weight, b, prior_precision=lam, pseudo_count=n, damping=damping), (A, B, weight, b)
+
+
+def dense_precision(A, B, lam, n, damping):
+    """The precision of vec(W) (column-stacked, W [D, p]) written out densely (SPEC.md section 2)."""
+    p, q = A.shape[0], B.shape[0]
+    if damping == "kron":
+        return torch.kron(math.sqrt(n) * A + math.sqrt(lam) * torch.eye(p, dtype=A.dtype),
+                          math.sqrt(n) * B + math.sqrt(lam) * torch.eye(q, dtype=B.dtype))
+    return n * torch.kron(A, B) + lam * torch.eye(p * q, dtype=A.dtype)
+
+
+def dense_embedding_covariance(phi_aug, precision):
+    """Cov(W phi) = J Sigma J^T with J = phi^T x I_D, from the dense inverse precision."""
+    sigma = torch.linalg.inv(precision)
+    covs = []
+    for x in phi_aug:
+        J = torch.kron(x[None, :], torch.eye(D, dtype=x.dtype))
+        covs.append(J @ sigma @ J.T)
+    return torch.stack(covs)
+
+
+@pytest.mark.parametrize("damping", ["kron", "exact"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_embedding_covariance_matches_dense_kronecker(damping, bias, generator):
+    post, (A, B, weight, b) = make_posterior(generator, bias=bias, damping=damping)
+    phi = torch.randn(6, P, generator=generator, dtype=torch.float64)
+    residual = torch.randn(6, D, generator=generator, dtype=torch.float64)
+    dist = post.embed(phi, residual=residual)
+    assert dist.form.value == ("kron" if damping == "kron" else "eigen")
+    expected_mean = phi @ weight.T + residual + (b if bias else 0)
+    torch.testing.assert_close(dist.mean, expected_mean, rtol=1e-12, atol=1e-12)
+    phi_aug = torch.cat([phi, torch.ones(6, 1, dtype=phi.dtype)], 1) if bias else phi
+    expected = dense_embedding_covariance(phi_aug, dense_precision(A, B, 0.7, 2.5, damping))
+    torch.testing.assert_close(dist.covariance(), expected, rtol=1e-10, atol=1e-12)
+    # Derived views agree with the dense covariance.
+    torch.testing.assert_close(dist.diagonal_variance(), torch.diagonal(expected, dim1=1, dim2=2), rtol=1e-10,
+                               atol=1e-12)
+    torch.testing.assert_close(dist.trace(), expected.diagonal(dim1=1, dim2=2).sum(-1), rtol=1e-10, atol=1e-12)
+    k, basis = dist.eigen_form()
+    torch.testing.assert_close(torch.einsum("ij,nj,kj->nik", basis, k, basis), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("damping", ["kron", "exact"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_logdet_and_evidence_match_dense(damping, bias, generator):
+    post, (A, B, weight, b) = make_posterior(generator, bias=bias, damping=damping)
+    p, q = A.shape[0], B.shape[0]
+    assert p != q
+    for lam in (0.01, 0.7, 30.0):
+        precision = dense_precision(A, B, lam, 2.5, damping)
+        assert post.logdet(lam) == pytest.approx(torch.logdet(precision).item(), rel=1e-11)
+        w2 = (weight**2).sum() + ((b**2).sum() if bias else 0)
+        lml = -0.5 * lam * w2 + 0.5 * p * q * math.log(lam) - 0.5 * torch.logdet(precision)
+        assert post.log_marginal_likelihood(lam) == pytest.approx(lml.item(), rel=1e-11)
+
+
+@pytest.mark.parametrize("damping", ["kron", "exact"])
+def test_optimize_prior_precision_matches_dense_grid_search(damping, generator):
+    post, (A, B, weight, b) = make_posterior(generator, damping=damping, lam=5.0)
+    p, q = A.shape[0], B.shape[0]
+    w2 = (weight**2).sum() + (b**2).sum()
+
+    def dense_lml(lam):
+        return (-0.5 * lam * w2 + 0.5 * p * q * math.log(lam) - 0.5 * torch.logdet(
+            dense_precision(A, B, lam, 2.5, damping))).item()
+
+    grid = torch.linspace(math.log(1e-4), math.log(1e4), 4001, dtype=torch.float64).exp().tolist()
+    values = [dense_lml(lam) for lam in grid]
+    best = max(range(len(grid)), key=values.__getitem__)
+    assert 0 < best < len(grid) - 1, "the optimum must be inside the grid"
+    lam_star = post.optimize_prior_precision()
+    assert post.prior_precision == lam_star
+    assert grid[best - 1] <= lam_star <= grid[best + 1]
+    # A stationary point of the dense objective, to float64 precision.
+    for factor in (1 - 1e-5, 1 + 1e-5):
+        assert dense_lml(lam_star) >= dense_lml(lam_star * factor) - 1e-9
+
+
+def test_prior_change_updates_cached_quantities(generator):
+    post, (A, B, weight, b) = make_posterior(generator)
+    phi = torch.randn(4, P, generator=generator, dtype=torch.float64)
+    before = post.embed(phi).covariance()
+    post.prior_precision = 3.0
+    after = post.embed(phi).covariance()
+    fresh = KronPosterior(A, B, weight, b, prior_precision=3.0, pseudo_count=2.5).embed(phi).covariance()
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, fresh, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("damping", ["kron", "exact"])
+def test_sample_weights_monte_carlo_covariance(damping, generator):
+    post, (A, B, weight, b) = make_posterior(generator, damping=damping, lam=1.3, n=0.8)
+    k = 200_000
+    weights, biases = post.sample_weights(k, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    assert weights.shape == (k, D, P) and biases.shape == (k, D)
+    full = torch.cat([weights, biases[..., None]], dim=2)  # [k, D, p]
+    vec = full.transpose(1, 2).reshape(k, -1)  # column-stacked vec(W)
+    sigma = torch.linalg.inv(dense_precision(A, B, 1.3, 0.8, damping))
+    mean_map = torch.cat([weight, b[:, None]], 1).T.reshape(-1)
+    centred = vec - mean_map
+    scale = sigma.diagonal().sqrt()
+    # Monte Carlo error of a mean is sd / sqrt(k); of a covariance entry about sd_i sd_j sqrt(2 / k).
+    assert ((vec.mean(0) - mean_map).abs() / scale).max() < 5 / math.sqrt(k)
+    empirical = centred.T @ centred / k
+    assert ((empirical - sigma).abs() / (scale[:, None] * scale[None, :])).max() < 5 * math.sqrt(2 / k)
+    # Seeded: the same generator state gives the same samples.
+    first, _ = post.sample_weights(3, generator=torch.Generator().manual_seed(7))
+    again, _ = post.sample_weights(3, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(first, again) and first.dtype == torch.float32
+
+
+def test_negative_eigenvalues_are_clamped_and_reported(generator):
+    A = spd(P, generator)
+    values, vectors = torch.linalg.eigh(A)
+    values[0] = -1e-3
+    A_neg = vectors @ torch.diag(values) @ vectors.T
+    A_neg = (A_neg + A_neg.T) / 2
+    A_clamped = vectors @ torch.diag(values.clamp_min(0)) @ vectors.T
+    B = spd(D, generator)
+    weight = torch.randn(D, P, generator=generator, dtype=torch.float64)
+    post = KronPosterior(A_neg, B, weight, prior_precision=0.5)
+    report = post.factor_report
+    assert report["A"].num_clamped == 1 and report["A"].min_eigenvalue == pytest.approx(-1e-3, rel=1e-6)
+    assert report["B"].num_clamped == 0 and report["A"].clamped_mass == pytest.approx(1e-3, rel=1e-6)
+    phi = torch.randn(5, P, generator=generator, dtype=torch.float64)
+    reference = KronPosterior(A_clamped, B, weight, prior_precision=0.5)
+    torch.testing.assert_close(post.embed(phi).covariance(), reference.embed(phi).covariance(), rtol=1e-10,
+                               atol=1e-12)
+    assert post.logdet() == pytest.approx(reference.logdet(), rel=1e-12)
+
+
+def test_slightly_asymmetric_factor_is_symmetrised(generator):
+    A, B = spd(P, generator), spd(D, generator)
+    noise = 1e-7 * torch.randn(P, P, generator=generator, dtype=torch.float64)
+    weight = torch.randn(D, P, generator=generator, dtype=torch.float64)
+    given = A + noise
+    post = KronPosterior(given, B, weight)
+    assert torch.equal(post.A, (given + given.T) / 2) and torch.equal(post.A, post.A.T)
+    assert post.factor_report["A"].asymmetry == pytest.approx((noise - noise.T).abs().max().item())
+
+
+@pytest.mark.parametrize("damping", ["kron", "exact"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_save_load_round_trip_exact(tmp_path, damping, bias, generator):
+    post, _ = make_posterior(generator, bias=bias, damping=damping)
+    post.optimize_prior_precision()
+    post.save(tmp_path / "post")
+    loaded = KronPosterior.load(tmp_path / "post")
+    assert (loaded.prior_precision, loaded.pseudo_count, loaded.damping) == (
+        post.prior_precision, post.pseudo_count, post.damping)
+    phi = torch.randn(5, P, generator=generator, dtype=torch.float64)
+    a, b = post.embed(phi), loaded.embed(phi)
+    assert torch.equal(a.mean, b.mean) and torch.equal(a.covariance(), b.covariance())
+    assert loaded.logdet() == post.logdet()
+
+
+def test_load_reports_missing_files(tmp_path, generator):
+    post, _ = make_posterior(generator)
+    post.save(tmp_path)
+    os.remove(tmp_path / "posterior.json")
+    with pytest.raises(FileNotFoundError, match="posterior.json"):
+        KronPosterior.load(tmp_path)
+
+
+def write_bayesvlm_dir(path, generator, *, P_img=P, P_txt=5, D_=D, device_tensor=lambda t: t.float()):
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(device_tensor(spd(P_img, generator)), path / "A_img_analytic.pt")
+    torch.save(device_tensor(spd(D_, generator)), path / "B_img_analytic.pt")
+    torch.save(device_tensor(spd(P_txt, generator)), path / "A_txt_analytic.pt")
+    torch.save(device_tensor(spd(D_, generator)), path / "B_txt_analytic.pt")
+    (path / "prior_precision_analytic.json").write_text(
+        json.dumps({"lambda_img": 3.5, "n_img": 2.0, "lambda_txt": 1.5, "n_txt": 1.0}))
+    return path
+
+
+def test_from_bayesvlm_dir(tmp_path, generator):
+    path = write_bayesvlm_dir(tmp_path / "factors", generator)
+    weight_img = torch.randn(D, P, generator=generator)
+    post = KronPosterior.from_bayesvlm_dir(path, tower="img", weight=weight_img)
+    assert (post.prior_precision, post.pseudo_count) == (3.5, 2.0)
+    expected_A = torch.load(path / "A_img_analytic.pt", weights_only=True).double()
+    torch.testing.assert_close(post.A, expected_A, rtol=0, atol=0)
+    post_txt = KronPosterior.from_bayesvlm_dir(path, tower="txt", weight=torch.randn(D, 4),
+                                               bias=torch.randn(D), damping="exact")
+    assert post_txt.pseudo_count == 1.0 and post_txt.damping.value == "exact"
+
+
+def test_from_bayesvlm_dir_errors(tmp_path, generator):
+    path = write_bayesvlm_dir(tmp_path / "factors", generator)
+    weight = torch.randn(D, P)
+    with pytest.raises(ValueError, match="A_img_analytic.pt.*shape"):
+        KronPosterior.from_bayesvlm_dir(path, tower="img", weight=torch.randn(D, P + 2))
+    with pytest.raises(ValueError, match="B_img_analytic.pt.*shape"):
+        KronPosterior.from_bayesvlm_dir(path, tower="img", weight=torch.randn(D + 1, P))
+    with pytest.raises(ValueError, match="'tower'"):
+        KronPosterior.from_bayesvlm_dir(path, tower="image", weight=weight)
+    (path / "prior_precision_analytic.json").write_text(json.dumps({"lambda_img": 1.0}))
+    with pytest.raises(ValueError, match="prior_precision_analytic.json.*'n_img'"):
+        KronPosterior.from_bayesvlm_dir(path, tower="img", weight=weight)
+    os.remove(path / "B_img_analytic.pt")
+    with pytest.raises(FileNotFoundError, match="B_img_analytic.pt"):
+        KronPosterior.from_bayesvlm_dir(path, tower="img", weight=weight)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        KronPosterior.from_bayesvlm_dir(tmp_path / "nowhere", tower="img", weight=weight)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo should-never-run",))
+
+
+def test_from_bayesvlm_dir_never_unpickles_objects(tmp_path, generator):
+    path = write_bayesvlm_dir(tmp_path / "factors", generator)
+    with open(path / "A_img_analytic.pt", "wb") as f:
+        pickle.dump(_Payload(), f)
+    with pytest.raises(pickle.UnpicklingError):
+        KronPosterior.from_bayesvlm_dir(path, tower="img", weight=torch.randn(D, P))
+
+
+def test_bad_input_names_the_argument(generator):
+    A, B = spd(P, generator), spd(D, generator)
+    W = torch.randn(D, P, dtype=torch.float64)
+    cases = [
+        (dict(A=A[:, :-1]), "'A' must be square"),
+        (dict(A=spd(P + 1, generator)), "'A' must have shape"),
+        (dict(B=spd(D + 1, generator)), "'B' must have shape"),
+        (dict(A=A + torch.triu(torch.ones_like(A), 1)), "'A' must be symmetric"),
+        (dict(B=B.clone().fill_(float("nan"))), "'B' contains NaN or Inf"),
+        (dict(A=A.clone().index_fill_(0, torch.tensor([1]), float("inf"))), "'A' contains NaN or Inf"),
+        (dict(weight=W.clone().fill_(float("nan"))), "'weight' contains NaN"),
+        (dict(bias=torch.zeros(D + 1)), "'bias' must have shape"),
+        (dict(prior_precision=0.0), "'prior_precision' must be a positive"),
+        (dict(prior_precision=-1.0), "'prior_precision' must be a positive"),
+        (dict(pseudo_count=float("inf")), "'pseudo_count' must be a positive"),
+        (dict(damping="full"), "'damping' must be one of"),
+        (dict(A=A.long()), "'A' must be float"),
+    ]
+    for override, message in cases:
+        kwargs = dict(A=A, B=B, weight=W, bias=None)
+        kwargs.update(override)
+        with pytest.raises(ValueError, match=message):
+            KronPosterior(**kwargs)
+    post = KronPosterior(A, B, W)
+    with pytest.raises(ValueError, match="'phi' must be \\[N, 4\\]"):
+        post.embed(torch.randn(3, P + 1))
+    with pytest.raises(ValueError, match="'phi' contains NaN"):
+        post.embed(torch.full((2, P), float("nan")))
+    with pytest.raises(ValueError, match="'residual' must have shape"):
+        post.embed(torch.randn(2, P), residual=torch.randn(3, D))
+    with pytest.raises(ValueError, match="'k'"):
+        post.sample_weights(-1)
+    with pytest.raises(ValueError, match="'prior_precision'"):
+        post.prior_precision = 0
+
+
+def test_user_tensors_are_never_modified(generator):
+    A = spd(P + 1, generator) + 1e-9 * torch.randn(P + 1, P + 1, generator=generator, dtype=torch.float64)
+    B, W, b = spd(D, generator), torch.randn(D, P, dtype=torch.float64), torch.randn(D, dtype=torch.float64)
+    phi, r = torch.randn(4, P, dtype=torch.float64), torch.randn(4, D, dtype=torch.float64)
+    originals = [t.clone() for t in (A, B, W, b, phi, r)]
+    post = KronPosterior(A, B, W, b)
+    post.embed(phi, residual=r)
+    post.optimize_prior_precision()
+    post.sample_weights(2)
+    for before, after in zip(originals, (A, B, W, b, phi, r)):
+        assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_features_accumulate_in_float32(dtype, generator):
+    post, _ = make_posterior(generator)
+    phi = torch.randn(8, P, generator=generator, dtype=torch.float64).to(dtype)
+    low, exact = post.embed(phi), post.embed(phi.double())
+    assert low.mean.dtype == torch.float32 and low.alpha.dtype == torch.float32
+    torch.testing.assert_close(low.mean.double(), exact.mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(low.alpha.double(), exact.alpha, rtol=1e-5, atol=1e-6)
+
+
+def test_embedding_distribution_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="'alpha'"):
+        EmbeddingDistribution.kron(torch.zeros(3, 2), torch.zeros(4), torch.eye(2))
+    with pytest.raises(ValueError, match="'variances' must be non-negative"):
+        EmbeddingDistribution.diagonal(torch.zeros(3, 2), -torch.ones(3, 2))
+    with pytest.raises(ValueError, match="'basis'"):
+        EmbeddingDistribution.eigen(torch.zeros(3, 2), torch.zeros(3, 2), torch.eye(3))

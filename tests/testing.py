@@ -1,0 +1,19 @@
+"""Shared test parameters: devices and dtypes, built once (a machine without a GPU runs fewer cases)."""
+
+import torch
+
+devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+dtypes = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+# Relative error budget per input dtype for ops that read that dtype and accumulate in float32
+# (float64 for float64): at most about twice PyTorch's own error at that precision.
+def error_budget(dtype: torch.dtype) -> float:
+    return {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 2e-5, torch.float64: 1e-12}[dtype]
+
+
+def spd(n: int, generator: torch.Generator, *, rank: int | None = None, dtype=torch.float64) -> torch.Tensor:
+    """A random symmetric PSD matrix X^T X / rows with a spread spectrum (rank-deficient when rank < n)."""
+    rows = n + 3 if rank is None else rank
+    x = torch.randn(rows, n, generator=generator, dtype=torch.float64)
+    x = x * torch.logspace(0, -1.5, n, dtype=torch.float64)[None, :]
+    return (x.T @ x / rows).to(dtype)
