@@ -234,7 +234,7 @@ class _Payload:
 def test_from_bayesvlm_dir_never_unpickles_objects(tmp_path, generator):
     path = write_bayesvlm_dir(tmp_path / "factors", generator)
     with open(path / "A_img_analytic.pt", "wb") as f:
-        pickle.dump(_Payload(), f)
+        pickle.dump(_Payload(), f, protocol=2)
     with pytest.raises(pickle.UnpicklingError):
         KronPosterior.from_bayesvlm_dir(path, tower="img", weight=torch.randn(D, P))
 
