@@ -47,31 +47,24 @@ def check_same_device(**tensors: Tensor) -> None:
         raise ValueError(f"arguments must be on one device, got {listed}")
 
 
-def check_positive_scalar(name: str, value) -> float:
+def check_finite_scalar(name: str, value, what: str = "a finite number") -> float:
     if isinstance(value, Tensor):
         if value.numel() != 1:
-            raise ValueError(f"argument '{name}' must be a positive scalar, got a tensor of shape {tuple(value.shape)}")
+            raise ValueError(f"argument '{name}' must be {what}, got a tensor of shape {tuple(value.shape)}")
         value = value.item()
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"argument '{name}' must be a positive finite number, got {value!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"argument '{name}' must be a positive finite number, got {value}")
+        raise ValueError(f"argument '{name}' must be {what}, got {value!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"argument '{name}' must be {what}, got {value}")
     return value
 
 
-def check_finite_scalar(name: str, value) -> float:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"argument '{name}' must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"argument '{name}' must be a finite number, got {value!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"argument '{name}' must be a finite number, got {value}")
+def check_positive_scalar(name: str, value) -> float:
+    value = check_finite_scalar(name, value, what="a positive finite number")
+    if not value > 0:
+        raise ValueError(f"argument '{name}' must be a positive finite number, got {value}")
     return value
 
 
