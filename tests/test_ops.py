@@ -26,7 +26,7 @@ def make_inputs(n, p, dtype, device, generator, transpose=False):
 
 @pytest.mark.parametrize("device", devices, ids=str)
 @pytest.mark.parametrize("dtype", dtypes, ids=str)
-@pytest.mark.parametrize("n,p", [(1, 1), (7, 5), (300, 64), (513, 129), (33, 768)])
+@pytest.mark.parametrize("n,p", [(1, 1), (7, 5), (300, 64), (513, 129), (33, 768), (2100, 17)])  # 2100: several CPU chunks
 @pytest.mark.parametrize("transpose", [False, True])
 def test_kron_quadform_matches_float64_reference(device, dtype, n, p, transpose, generator):
     phi, C = make_inputs(n, p, dtype, device, generator, transpose)

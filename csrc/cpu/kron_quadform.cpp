@@ -13,7 +13,7 @@
 namespace bayesvlm_ext {
 namespace {
 
-constexpr int64_t kRowsPerChunk = 256;
+constexpr int64_t kRowsPerChunk = 1024;
 
 template <typename acc_t>
 acc_t dot(const acc_t* a, const acc_t* b, int64_t len) {
