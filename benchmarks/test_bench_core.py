@@ -100,24 +100,14 @@ def moments_oracle(
 
 
 @pytest.mark.benchmark(group=MOMENTS_GROUP)
-def test_cosine_moments_kron(benchmark, moments_inputs, device):
+@pytest.mark.parametrize("variant", ["kron", "diag"])
+def test_cosine_moments(benchmark, moments_inputs, device, variant):
     img, txt = moments_inputs
-    mean, var = cosine_moments(img, txt, logit_scale=LOGIT_SCALE, variant="kron")
-    oracle_mean, oracle_var = moments_oracle(img, txt)
-    assert_close_to_oracle("cosine_moments kron: mean", mean, oracle_mean)
-    assert_close_to_oracle("cosine_moments kron: var", var, oracle_var)
-    run_timed(benchmark, lambda: cosine_moments(img, txt, logit_scale=LOGIT_SCALE, variant="kron"), device,
-              "candidate", shape=MOMENTS_SHAPE)
-
-
-@pytest.mark.benchmark(group=MOMENTS_GROUP)
-def test_cosine_moments_diag(benchmark, moments_inputs, device):
-    img, txt = moments_inputs
-    mean, var = cosine_moments(img, txt, logit_scale=LOGIT_SCALE, variant="diag")
-    oracle_mean, oracle_var = moments_oracle(img, txt, variances=False)
-    assert_close_to_oracle("cosine_moments diag: mean", mean, oracle_mean)
-    assert_close_to_oracle("cosine_moments diag: var", var, oracle_var)
-    run_timed(benchmark, lambda: cosine_moments(img, txt, logit_scale=LOGIT_SCALE, variant="diag"), device,
+    mean, var = cosine_moments(img, txt, logit_scale=LOGIT_SCALE, variant=variant)
+    oracle_mean, oracle_var = moments_oracle(img, txt, variances=variant == "kron")
+    assert_close_to_oracle(f"cosine_moments {variant}: mean", mean, oracle_mean)
+    assert_close_to_oracle(f"cosine_moments {variant}: var", var, oracle_var)
+    run_timed(benchmark, lambda: cosine_moments(img, txt, logit_scale=LOGIT_SCALE, variant=variant), device,
               "candidate", shape=MOMENTS_SHAPE)
 
 
