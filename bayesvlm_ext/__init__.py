@@ -6,14 +6,15 @@ The mathematics is SPEC.md; the README maps each section to the names below.
 from . import ops, reference
 from ._extension import backend, build_info, has_extension
 from .distribution import CovarianceForm, EmbeddingDistribution
-from .moments import Variant, cosine_moments
+from .moments import MomentsOutput, Variant, cosine_moments
 from .posterior import Damping, FactorReport, KronPosterior
 from .predictive import Link, accuracy, ece, nlpd, predictive
+from .retrieval import Score, topk
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KronPosterior", "Damping", "FactorReport", "EmbeddingDistribution", "CovarianceForm", "cosine_moments",
-    "Variant", "predictive", "Link", "accuracy", "nlpd", "ece", "backend", "build_info", "has_extension", "ops",
+    "Variant", "MomentsOutput", "topk", "Score", "predictive", "Link", "accuracy", "nlpd", "ece", "backend", "build_info", "has_extension", "ops",
     "reference", "__version__",
 ]

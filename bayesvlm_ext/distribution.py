@@ -14,7 +14,7 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from ._validation import check_finite, check_shape, check_tensor
+from ._validation import accumulation_dtype, check_finite, check_shape, check_tensor
 
 
 class CovarianceForm(str, Enum):
@@ -35,10 +35,15 @@ class EmbeddingDistribution:
       k               [N, D]   eigen: per-item variances along `basis`
       basis           [D, D]   kron, eigen: orthonormal columns
       variances       [N, D]   diag: per-dimension variances
+    Cached per-item statistics (None until `precompute` or `KronPosterior.embed(..., against=...)`):
+      sq_norm         [N]      ||mean_i||^2
+      cross_quad      [N]      mean_i^T cross_shared mean_i
+      cross_shared    [D, D]   the other tower's shared matrix that cross_quad was computed against
+    A gallery keeps them so that scoring and top-k cost O(M) per query on top of the mean GEMM.
     """
 
     def __init__(self, mean: Tensor, form: CovarianceForm, *, alpha=None, shared=None, shared_eigvals=None, k=None,
-                 basis=None, variances=None):
+                 basis=None, variances=None, sq_norm=None, cross_quad=None, cross_shared=None):
         self.mean = mean
         self.form = CovarianceForm(form)
         self.alpha = alpha
@@ -47,6 +52,9 @@ class EmbeddingDistribution:
         self.k = k
         self.basis = basis
         self.variances = variances
+        self.sq_norm = sq_norm
+        self.cross_quad = cross_quad
+        self.cross_shared = cross_shared
 
     # ---- constructors -------------------------------------------------------------------------
     @classmethod
@@ -123,7 +131,43 @@ class EmbeddingDistribution:
             return None if t is None else t[rows]
         return EmbeddingDistribution(take(self.mean), self.form,
                                      alpha=take(self.alpha), shared=self.shared, shared_eigvals=self.shared_eigvals,
-                                     k=take(self.k), basis=self.basis, variances=take(self.variances))
+                                     k=take(self.k), basis=self.basis, variances=take(self.variances),
+                                     sq_norm=take(self.sq_norm), cross_quad=take(self.cross_quad),
+                                     cross_shared=self.cross_shared)
+
+    def precompute(
+        self,
+        against: "EmbeddingDistribution | Tensor | None" = None,  # the other tower's embeddings or shared [D, D]
+    ) -> "EmbeddingDistribution":
+        """A copy with the per-item statistics cached: ||mean||^2 and, when `against` is a kron-form
+        distribution (or its shared matrix), mean^T shared mean (SPEC.md section 4). Do this once for a
+        gallery that is scored often."""
+        from . import ops  # ops does not import this module; the local import keeps it that way
+
+        dtype = accumulation_dtype(self.mean.dtype)
+        mean = self.mean.to(dtype)
+        if isinstance(against, EmbeddingDistribution):
+            if against.dim != self.dim:
+                raise ValueError(f"argument 'against' must have D = {self.dim}, got {against.dim}")
+            against = against.shared if against.form is CovarianceForm.KRON else None
+        elif against is not None:
+            check_tensor("against", against, dim=2)
+            check_shape("against", against, (self.dim, self.dim), "the other tower's shared [D, D]")
+        cross_quad = None if against is None else ops.kron_quadform(self.mean, against.to(dtype))
+        return EmbeddingDistribution(self.mean, self.form, alpha=self.alpha, shared=self.shared,
+                                     shared_eigvals=self.shared_eigvals, k=self.k, basis=self.basis,
+                                     variances=self.variances, sq_norm=(mean * mean).sum(-1), cross_quad=cross_quad,
+                                     cross_shared=against)
+
+    def cached_cross_quad(self, shared: Tensor) -> Tensor | None:  # [N] or None
+        """The cached mean^T shared mean when it was computed against this very matrix, else None."""
+        if self.cross_quad is None or self.cross_shared is None:
+            return None
+        if self.cross_shared is shared or (self.cross_shared.shape == shared.shape
+                                           and self.cross_shared.device == shared.device
+                                           and torch.equal(self.cross_shared.to(shared.dtype), shared)):
+            return self.cross_quad
+        return None
 
     def eigen_form(self) -> tuple[Tensor, Tensor]:
         """(k [N, D], basis [D, D]) with S_i = basis diag(k_i) basis^T; for the kron and eigen forms."""
@@ -166,7 +210,9 @@ class EmbeddingDistribution:
             return None if t is None else t.to(*args, **kwargs)
         return EmbeddingDistribution(move(self.mean), self.form, alpha=move(self.alpha), shared=move(self.shared),
                                      shared_eigvals=move(self.shared_eigvals), k=move(self.k),
-                                     basis=move(self.basis), variances=move(self.variances))
+                                     basis=move(self.basis), variances=move(self.variances),
+                                     sq_norm=move(self.sq_norm), cross_quad=move(self.cross_quad),
+                                     cross_shared=move(self.cross_shared))
 
 
 def _check_mean(mean: Tensor) -> tuple[int, int]:

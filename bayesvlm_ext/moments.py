@@ -1,9 +1,17 @@
-"""Mean and variance of the logits of cosine similarities between two batches (SPEC.md section 4)."""
+"""Mean and variance of the logits of cosine similarities between two batches (SPEC.md section 4).
+
+Every variant reduces to the same fused op (`ops.pairwise_moments`, conventions in csrc/moments.h):
+one GEMM of the means plus, per pair, either an O(1) epilogue on per-item scalars (the Kronecker
+closed form: "kron", and "diag" between kron-form inputs) or a second GEMM of inner size 2D on
+per-item variance features ("exact", and "diag" with per-dimension variances). `pairwise_inputs`
+builds those per-item inputs; `cosine_moments` and `retrieval.topk` share it.
+"""
 
 from __future__ import annotations
 
 import math
 from enum import Enum
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -19,21 +27,66 @@ class Variant(str, Enum):
     DIAG = "diag"  # per-dimension variances only: the published approximation (exact for diag forms)
 
 
+class MomentsOutput(str, Enum):
+    MEAN = "mean"  # the logit mean
+    PROBIT = "probit"  # the probit-scaled logit mean / sqrt(1 + pi/8 var)
+    SIGMOID_PROBIT = "sigmoid_probit"  # sigmoid of the probit-scaled logit (SigLIP match probability)
+
+
+_OUTPUT_CODE = {MomentsOutput.MEAN: 0, MomentsOutput.PROBIT: 1, MomentsOutput.SIGMOID_PROBIT: 2}
+
+
+class PairInputs(NamedTuple):
+    """Per-item inputs of the fused pairwise ops for one (x, y) pair of batches."""
+
+    x: Tensor  # [N, D] means, in the dtype the GEMM reads
+    y: Tensor  # [M, D]
+    x_stats: Tensor  # [N, 3] (inv_norm, alpha, quad), accumulation dtype
+    y_stats: Tensor  # [M, 3]
+    x_var: Tensor | None  # [N, 2D] variance features, or None for the Kronecker closed form
+    y_var: Tensor | None  # [M, 2D]
+    trace_cross: float  # tr(Bx By) of the closed form (0 with variance features)
+
+
 def cosine_moments(
     img: EmbeddingDistribution,  # N image embeddings
     txt: EmbeddingDistribution,  # M text embeddings
     logit_scale: float | Tensor,  # log s, as stored in open_clip and Hugging Face models
     logit_bias: float | Tensor = 0.0,  # beta (SigLIP); 0 for CLIP
     variant: str | Variant | None = None,
-) -> tuple[Tensor, Tensor]:  # mean [N, M], var [N, M]
+    output: str | MomentsOutput = "mean",
+) -> tuple[Tensor, Tensor]:  # first [N, M], var [N, M]
     """Mean and variance of the logits `s * cos(x_i, y_j) + beta` (SPEC.md section 4).
 
     `variant`: "kron" needs both inputs in kron form; "exact" takes kron or eigen forms; "diag"
     uses only the per-dimension variances of each input (the published approximation for BayesVLM,
     exact for diagonal covariances such as ProbVLM's). None picks "kron" when both are kron,
     "diag" when either is diagonal, else "exact": the exact result for the structures given.
+    `output`: what the first result holds: "mean" (the logit mean), "probit" (mean / sqrt(1 + pi/8
+    var)) or "sigmoid_probit" (sigmoid of that; SPEC.md section 5), computed in the same fused pass.
 
-    Float32 results (float64 when both means are float64); fp16/bf16 inputs are accumulated in float32.
+    Float32 results (float64 when both means are float64); fp16/bf16 means are read as they are
+    and accumulated in float32. Runs the compiled kernel when there is one for the device and no
+    gradient is needed; the same formulas in PyTorch otherwise (differentiable).
+    """
+    output = parse_enum("output", output, MomentsOutput)
+    scale, bias = _logit_params(logit_scale, logit_bias)
+    inputs = pairwise_inputs(img, txt, variant)
+    return ops.pairwise_moments(*inputs[:6], scale, bias, inputs.trace_cross, _OUTPUT_CODE[output])
+
+
+def _logit_params(logit_scale, logit_bias) -> tuple[float, float]:
+    return math.exp(check_finite_scalar("logit_scale", logit_scale)), check_finite_scalar("logit_bias", logit_bias)
+
+
+def pairwise_inputs(
+    img: EmbeddingDistribution,  # N items (the x side)
+    txt: EmbeddingDistribution,  # M items (the y side)
+    variant: str | Variant | None = None,
+) -> PairInputs:
+    """The per-item scalars or variance features of SPEC.md section 4 for `variant` (see cosine_moments).
+
+    Uses the statistics cached on either input (`EmbeddingDistribution.precompute`) where they match.
     """
     if not isinstance(img, EmbeddingDistribution) or not isinstance(txt, EmbeddingDistribution):
         raise ValueError("arguments 'img' and 'txt' must be EmbeddingDistribution instances, got "
@@ -42,29 +95,55 @@ def cosine_moments(
         raise ValueError(f"arguments 'img' and 'txt' must have one embedding size D, got {img.dim} and {txt.dim}")
     if img.device != txt.device:
         raise ValueError(f"arguments 'img' and 'txt' must be on one device, got {img.device} and {txt.device}")
-    scale = math.exp(check_finite_scalar("logit_scale", logit_scale))
-    bias = check_finite_scalar("logit_bias", logit_bias)
     variant = _choose_variant(img.form, txt.form) if variant is None else parse_enum("variant", variant, Variant)
+    if variant is Variant.KRON and (img.form is not CovarianceForm.KRON or txt.form is not CovarianceForm.KRON):
+        raise ValueError(f"variant 'kron' needs kron-form inputs, got '{img.form.value}' and '{txt.form.value}'")
+    if variant is Variant.EXACT and CovarianceForm.DIAG in (img.form, txt.form):
+        raise ValueError("variant 'exact' needs kron- or eigen-form inputs; use variant 'diag' for diagonal ones")
 
-    dtype = accumulation_dtype(torch.promote_types(img.mean.dtype, txt.mean.dtype))
-    img, txt = img.to(dtype), txt.to(dtype)
-    mx, my = img.mean, txt.mean
-    if variant is Variant.KRON:
-        if img.form is not CovarianceForm.KRON or txt.form is not CovarianceForm.KRON:
-            raise ValueError(f"variant 'kron' needs kron-form inputs, got '{img.form.value}' and '{txt.form.value}'")
-        dot_var = _kron_dot_variance(img, txt)
-    elif variant is Variant.EXACT:
-        if CovarianceForm.DIAG in (img.form, txt.form):
-            raise ValueError("variant 'exact' needs kron- or eigen-form inputs; use variant 'diag' for diagonal ones")
-        dot_var = _eigen_dot_variance(img, txt)
+    # The GEMM reads the means in their own dtype when both share one (e.g. bf16); else in the promoted one.
+    x, y = img.mean, txt.mean
+    if x.dtype != y.dtype:
+        common = torch.promote_types(x.dtype, y.dtype)
+        x, y = x.to(common), y.to(common)
+    acc = accumulation_dtype(x.dtype)
+    img, txt = _cast_structure(img, acc), _cast_structure(txt, acc)
+    mx, my = x.to(acc), y.to(acc)
+    sq_norm_x = _sq_norm(img, mx) + img.trace()  # E||x||^2
+    sq_norm_y = _sq_norm(txt, my) + txt.trace()
+    zeros_x, zeros_y = mx.new_zeros(mx.shape[0]), my.new_zeros(my.shape[0])
+
+    both_kron = img.form is CovarianceForm.KRON and txt.form is CovarianceForm.KRON
+    if variant is Variant.KRON or (variant is Variant.DIAG and both_kron):
+        # Var[x.y] = a_y (mu_x^T By mu_x) + a_x (mu_y^T Bx mu_y) + a_x a_y tr(Bx By); "diag" keeps diag(B).
+        if variant is Variant.KRON:
+            quad_x, quad_y = _cross_quad(img, mx, txt.shared), _cross_quad(txt, my, img.shared)
+            trace_cross = (img.shared.double() * txt.shared.double().T).sum()
+        else:
+            bx, by = torch.diagonal(img.shared), torch.diagonal(txt.shared)
+            quad_x, quad_y = (mx * mx) @ by, (my * my) @ bx
+            trace_cross = (bx.double() * by.double()).sum()
+        x_stats = torch.stack([sq_norm_x.rsqrt(), img.alpha, quad_x], dim=1)
+        y_stats = torch.stack([sq_norm_y.rsqrt(), txt.alpha, quad_y], dim=1)
+        return PairInputs(x, y, x_stats, y_stats, None, None, float(trace_cross))
+
+    if variant is Variant.EXACT:
+        # mu_x^T S_y mu_x = ((mu_x Qy)^2) k_y ;  tr(S_x S_y) = k_x^T R k_y, R = (Qx^T Qy)^2:
+        # [(mu_x Qy)^2, k_x] . [k_y, (mu_y Qx)^2 + R k_y], one GEMM of inner size 2D.
+        kx, qx = img.eigen_form()
+        ky, qy = txt.eigen_form()
+        rotated_x, rotated_y = mx @ qy, my @ qx
+        cross = (qx.T @ qy) ** 2  # [D, D]
+        x_var = torch.cat([rotated_x * rotated_x, kx], dim=1)
+        y_var = torch.cat([ky, rotated_y * rotated_y + ky @ cross.T], dim=1)
     else:
-        dot_var = _diag_dot_variance(img, txt)
-    sq_norm_img = (mx * mx).sum(-1) + img.trace()  # E||x||^2
-    sq_norm_txt = (my * my).sum(-1) + txt.trace()
-    norms = sq_norm_img[:, None] * sq_norm_txt[None, :]
-    mean = (scale * (mx @ my.T)) / norms.sqrt() + bias
-    var = (scale * scale) * dot_var / norms
-    return mean, var
+        # sum_d mu_x^2 sy + sx mu_y^2 + sx sy = [mu_x^2, sx] . [sy, mu_y^2 + sy]: inner size 2D.
+        vx, vy = img.diagonal_variance(), txt.diagonal_variance()
+        x_var = torch.cat([mx * mx, vx], dim=1)
+        y_var = torch.cat([vy, my * my + vy], dim=1)
+    x_stats = torch.stack([sq_norm_x.rsqrt(), zeros_x, zeros_x], dim=1)
+    y_stats = torch.stack([sq_norm_y.rsqrt(), zeros_y, zeros_y], dim=1)
+    return PairInputs(x, y, x_stats, y_stats, x_var.contiguous(), y_var.contiguous(), 0.0)
 
 
 def _choose_variant(form_img: CovarianceForm, form_txt: CovarianceForm) -> Variant:
@@ -75,31 +154,20 @@ def _choose_variant(form_img: CovarianceForm, form_txt: CovarianceForm) -> Varia
     return Variant.EXACT
 
 
-def _kron_dot_variance(img: EmbeddingDistribution, txt: EmbeddingDistribution) -> Tensor:  # [N, M]
-    # Var[x.y] = a_y (mu_x^T By mu_x) + a_x (mu_y^T Bx mu_y) + a_x a_y tr(Bx By), with B = shared.
-    quad_img = ops.kron_quadform(img.mean, txt.shared)  # [N] mu_x^T By^-1 mu_x
-    quad_txt = ops.kron_quadform(txt.mean, img.shared)  # [M]
-    trace_cross = (img.shared * txt.shared.T).sum()  # tr(Bx By)
-    ax, ay = img.alpha, txt.alpha
-    return ay[None, :] * quad_img[:, None] + ax[:, None] * (quad_txt[None, :] + trace_cross * ay[None, :])
+def _cast_structure(dist: EmbeddingDistribution, dtype: torch.dtype) -> EmbeddingDistribution:
+    """dist with every covariance tensor in `dtype` (the means are left alone: the GEMM reads them)."""
+    def cast(t):
+        return None if t is None else t.to(dtype)
+    return EmbeddingDistribution(dist.mean, dist.form, alpha=cast(dist.alpha), shared=cast(dist.shared),
+                                 shared_eigvals=cast(dist.shared_eigvals), k=cast(dist.k), basis=cast(dist.basis),
+                                 variances=cast(dist.variances), sq_norm=cast(dist.sq_norm),
+                                 cross_quad=cast(dist.cross_quad), cross_shared=dist.cross_shared)
 
 
-def _eigen_dot_variance(img: EmbeddingDistribution, txt: EmbeddingDistribution) -> Tensor:  # [N, M]
-    # mu_x^T S_y mu_x = ((mu_x Qy)^2) k_y ;  tr(S_x S_y) = k_x^T R k_y, R = (Qx^T Qy)^2.
-    kx, qx = img.eigen_form()
-    ky, qy = txt.eigen_form()
-    rotated_img = img.mean @ qy  # [N, D]
-    rotated_txt = txt.mean @ qx  # [M, D]
-    cross = (qx.T @ qy) ** 2  # [D, D]
-    # All three terms as one GEMM of inner size 2D: [(mu_x Qy)^2, k_x] . [k_y, (mu_y Qx)^2 + R k_y].
-    left = torch.cat([rotated_img * rotated_img, kx], dim=1)  # [N, 2D]
-    right = torch.cat([ky, (rotated_txt * rotated_txt) + ky @ cross.T], dim=1)  # [M, 2D]
-    return left @ right.T
+def _sq_norm(dist: EmbeddingDistribution, mean: Tensor) -> Tensor:  # [N]
+    return dist.sq_norm if dist.sq_norm is not None else (mean * mean).sum(-1)
 
 
-def _diag_dot_variance(img: EmbeddingDistribution, txt: EmbeddingDistribution) -> Tensor:  # [N, M]
-    # sum_d mu_x^2 sy + sx mu_y^2 + sx sy = [mu_x^2, sx] . [sy, mu_y^2 + sy]: one GEMM of inner size 2D.
-    vx, vy = img.diagonal_variance(), txt.diagonal_variance()
-    left = torch.cat([img.mean * img.mean, vx], dim=1)
-    right = torch.cat([vy, txt.mean * txt.mean + vy], dim=1)
-    return left @ right.T
+def _cross_quad(dist: EmbeddingDistribution, mean: Tensor, shared: Tensor) -> Tensor:  # [N] mean^T shared mean
+    cached = dist.cached_cross_quad(shared)
+    return cached if cached is not None else ops.kron_quadform(mean, shared)

@@ -2,7 +2,9 @@
 
 Each wrapper validates its arguments (ValueError naming the argument), then calls the compiled
 op when `backend(device)` says one serves that device, else the same-named function of
-`bayesvlm_ext.reference`.
+`bayesvlm_ext.reference`. The ops without an autograd formula (item_stats, pairwise_moments,
+topk_moments) also take the reference path when a gradient is needed: same numbers, differentiable.
+Argument conventions of the pairwise ops: csrc/moments.h.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from . import reference
 from ._extension import backend, has_extension
 from ._validation import accumulation_dtype, check_tensor
 
-__all__ = ["kron_quadform"]
+__all__ = ["kron_quadform", "item_stats", "pairwise_moments", "topk_moments"]
 
 
 def kron_quadform(
@@ -40,7 +42,146 @@ def kron_quadform(
     return torch.ops.bayesvlm_ext.kron_quadform(phi, C)
 
 
+def _compiled(op: str, device: torch.device, *tensors: Tensor | None) -> bool:
+    """True when a compiled kernel of `op` serves `device` and no gradient has to flow through `tensors`."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    if not has_extension() or key is None:
+        return False
+    if not getattr(torch.ops.bayesvlm_ext, op).default.has_kernel_for_dispatch_key(key):
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
+def _check_acc(name: str, t: Tensor | None, acc: torch.dtype, device: torch.device, shape: tuple | None = None,
+               what: str = "") -> None:
+    if t is None:
+        return
+    check_tensor(name, t)
+    if shape is not None and tuple(t.shape) != shape:
+        raise ValueError(f"argument '{name}' must have shape {shape}{what}, got {tuple(t.shape)}")
+    if t.dtype != acc:
+        raise ValueError(f"argument '{name}' must be {acc} (the accumulation dtype), got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"argument '{name}' must be on {device}, got {t.device}")
+
+
+def item_stats(
+    phi: Tensor,  # [N, P] float16, bfloat16, float32 or float64; any strides
+    weight: Tensor,  # [D, P] accumulation dtype (float32; float64 for float64 phi)
+    bias: Tensor | None,  # [D]
+    residual: Tensor | None,  # [N, D]
+    A_inv: Tensor,  # [P, P]; [P+1, P+1] with a bias (the constant 1 is the last feature)
+    B_cross: Tensor | None,  # [D, D] the other tower's shared matrix, or None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # mean [N, D], alpha [N], sq_norm [N], cross_quad [N] ([0] w/o B_cross)
+    """Per-item statistics of one tower in one pass over phi (SPEC.md section 3)."""
+    check_tensor("phi", phi, dim=2)
+    acc, (n, p) = accumulation_dtype(phi.dtype), phi.shape
+    check_tensor("weight", weight, dim=2)
+    d = weight.shape[0]
+    _check_acc("weight", weight, acc, phi.device, (d, p), " ([D, P] with P of phi)")
+    _check_acc("bias", bias, acc, phi.device, (d,))
+    _check_acc("residual", residual, acc, phi.device, (n, d))
+    pa = p + (bias is not None)
+    _check_acc("A_inv", A_inv, acc, phi.device, (pa, pa), " (P + 1 with a bias)" if bias is not None else "")
+    _check_acc("B_cross", B_cross, acc, phi.device, (d, d))
+    if _compiled("item_stats", phi.device, phi, weight, bias, residual, A_inv, B_cross):
+        return torch.ops.bayesvlm_ext.item_stats(phi, weight, bias, residual, A_inv, B_cross)
+    return reference.item_stats(phi, weight, bias, residual, A_inv, B_cross)
+
+
+def _check_pairwise(x, y, x_stats, y_stats, x_var, y_var) -> None:
+    check_tensor("x", x, dim=2)
+    check_tensor("y", y, dim=2)
+    if y.dtype != x.dtype:
+        raise ValueError(f"arguments 'x' and 'y' must have one dtype, got {x.dtype} and {y.dtype}")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"arguments 'x' [N, D] and 'y' [M, D] must share D, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.device != y.device:
+        raise ValueError(f"arguments 'x' and 'y' must be on one device, got {x.device} and {y.device}")
+    acc = accumulation_dtype(x.dtype)
+    _check_acc("x_stats", x_stats, acc, x.device, (x.shape[0], 3), " (inv_norm, alpha, quad)")
+    _check_acc("y_stats", y_stats, acc, x.device, (y.shape[0], 3), " (inv_norm, alpha, quad)")
+    if (x_var is None) != (y_var is None):
+        raise ValueError("arguments 'x_var' and 'y_var' must be given together")
+    if x_var is not None:
+        check_tensor("x_var", x_var, dim=2)
+        _check_acc("x_var", x_var, acc, x.device, (x.shape[0], x_var.shape[1]))
+        _check_acc("y_var", y_var, acc, x.device, (y.shape[0], x_var.shape[1]), " (K of x_var)")
+
+
+def pairwise_moments(
+    x: Tensor,  # [N, D] float16, bfloat16, float32 or float64; any strides
+    y: Tensor,  # [M, D] x's dtype
+    x_stats: Tensor,  # [N, 3] (inv_norm, alpha, quad), accumulation dtype
+    y_stats: Tensor,  # [M, 3]
+    x_var: Tensor | None,  # [N, K] var features (exact / diagonal forms), or None for the Kronecker form
+    y_var: Tensor | None,  # [M, K]
+    scale: float,  # s = exp(logit_scale)
+    bias: float,  # logit bias
+    trace_cross: float,  # tr(Bx By) (Kronecker form)
+    output: int = 0,  # first output: 0 mean logit, 1 probit logit, 2 sigmoid probit
+) -> tuple[Tensor, Tensor]:  # first [N, M], var [N, M], accumulation dtype
+    """Logit mean (or its probit transforms) and variance of every pair, fused (SPEC.md sections 4-5)."""
+    _check_pairwise(x, y, x_stats, y_stats, x_var, y_var)
+    if output not in (0, 1, 2):
+        raise ValueError(f"argument 'output' must be 0 (mean), 1 (probit logit) or 2 (sigmoid probit), got {output!r}")
+    args = (x, y, x_stats, y_stats, x_var, y_var, float(scale), float(bias), float(trace_cross), int(output))
+    if _compiled("pairwise_moments", x.device, x, y, x_stats, y_stats, x_var, y_var):
+        return torch.ops.bayesvlm_ext.pairwise_moments(*args)
+    return reference.pairwise_moments(*args)
+
+
+def topk_moments(
+    x: Tensor,  # [N, D] queries
+    y: Tensor,  # [M, D] gallery, x's dtype
+    x_stats: Tensor,  # [N, 3]
+    y_stats: Tensor,  # [M, 3]
+    x_var: Tensor | None,  # [N, K]
+    y_var: Tensor | None,  # [M, K]
+    scale: float,
+    bias: float,
+    trace_cross: float,
+    k: int,  # 0 <= k <= M
+    score: int,  # 0 mean, 1 pessimistic, 2 optimistic, 3 probit
+    kappa: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # values, indices (int64), mean, var: [N, k] each
+    """Streaming top-k over the gallery by score, ties to the lower index (SPEC.md section 7). No gradients."""
+    _check_pairwise(x, y, x_stats, y_stats, x_var, y_var)
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= y.shape[0]:
+        raise ValueError(f"argument 'k' must be an int in [0, M] = [0, {y.shape[0]}], got {k!r}")
+    if score not in (0, 1, 2, 3):
+        raise ValueError(f"argument 'score' must be 0, 1, 2 or 3, got {score!r}")
+    args = (x, y, x_stats, y_stats, x_var, y_var, float(scale), float(bias), float(trace_cross), k, int(score),
+            float(kappa))
+    with torch.no_grad():
+        if _compiled("topk_moments", x.device):
+            return torch.ops.bayesvlm_ext.topk_moments(*args)
+        return reference.topk_moments(*args)
+
+
 if has_extension():
+
+    @torch.library.register_fake("bayesvlm_ext::item_stats")
+    def _item_stats_fake(phi, weight, bias, residual, A_inv, B_cross):
+        acc = accumulation_dtype(phi.dtype)
+        n, d = phi.shape[0], weight.shape[0]
+        return (phi.new_empty((n, d), dtype=acc), phi.new_empty((n,), dtype=acc), phi.new_empty((n,), dtype=acc),
+                phi.new_empty((n if B_cross is not None else 0,), dtype=acc))
+
+    @torch.library.register_fake("bayesvlm_ext::pairwise_moments")
+    def _pairwise_moments_fake(x, y, x_stats, y_stats, x_var, y_var, scale, bias, trace_cross, output):
+        torch._check(x.shape[1] == y.shape[1], lambda: "pairwise_moments: x and y must share D")
+        acc = accumulation_dtype(x.dtype)
+        return x.new_empty((x.shape[0], y.shape[0]), dtype=acc), x.new_empty((x.shape[0], y.shape[0]), dtype=acc)
+
+    @torch.library.register_fake("bayesvlm_ext::topk_moments")
+    def _topk_moments_fake(x, y, x_stats, y_stats, x_var, y_var, scale, bias, trace_cross, k, score, kappa):
+        torch._check(x.shape[1] == y.shape[1], lambda: "topk_moments: x and y must share D")
+        acc = accumulation_dtype(x.dtype)
+        shape = (x.shape[0], k)
+        return (x.new_empty(shape, dtype=acc), x.new_empty(shape, dtype=torch.long), x.new_empty(shape, dtype=acc),
+                x.new_empty(shape, dtype=acc))
+
 
     @torch.library.register_fake("bayesvlm_ext::kron_quadform")
     def _kron_quadform_fake(phi: Tensor, C: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ from torch import Tensor
 from . import ops
 from ._validation import (accumulation_dtype, check_finite, check_positive_scalar, check_same_device, check_shape,
                           check_symmetric_factor, check_tensor, parse_enum)
-from .distribution import EmbeddingDistribution
+from .distribution import CovarianceForm, EmbeddingDistribution
 
 logger = logging.getLogger("bayesvlm_ext")
 
@@ -162,10 +162,7 @@ class KronPosterior:
             if self.bias is not None:
                 t["bias"] = self.bias
             if self.damping is Damping.KRON:
-                a_inv = _symmetrised((qa / da) @ qa.T)
-                t["A_inv_features"] = a_inv[:P, :P].contiguous()
-                if self.bias is not None:
-                    t["A_inv_cross"], t["A_inv_const"] = a_inv[:P, P], a_inv[P, P]
+                t["A_inv"] = _symmetrised((qa / da) @ qa.T)  # [p, p], the bias row and column last
                 t["B_inv"] = _symmetrised((qb / db) @ qb.T)
                 t["B_inv_eigvals"] = 1 / db
             else:
@@ -181,12 +178,16 @@ class KronPosterior:
         self,
         phi: Tensor,  # [N, P] features entering the layer; fp16, bf16, fp32 or fp64
         residual: Tensor | None = None,  # [N, D] fixed residual added to the output (SigLIP image tower)
+        against: "KronPosterior | None" = None,  # the other tower: cache the statistics a gallery needs
     ) -> EmbeddingDistribution:  # mean [N, D], covariance in "kron" or "eigen" form
         """g = W phi + b (+ r) as a Gaussian: mean and structured covariance (SPEC.md section 3).
 
         damping "kron" gives S_i = alpha_i B_d^-1 with alpha_i = phi_i^T A_d^-1 phi_i ("kron" form);
         "exact" gives S_i = Q_B diag(k_i) Q_B^T ("eigen" form). Computed in float32 (float64 for
-        float64 input); differentiable with respect to phi.
+        float64 input); differentiable with respect to phi. With damping "kron" the mean, alpha and
+        ||mean||^2 come from one fused pass over phi (`ops.item_stats`); with `against` (the other
+        tower's posterior) that pass also caches mean^T B_other^-1 mean, so the result is ready to
+        be scored as a gallery (`EmbeddingDistribution.precompute`).
         """
         check_tensor("phi", phi, dim=2)
         if phi.shape[1] != self.in_features:
@@ -195,28 +196,41 @@ class KronPosterior:
         if phi.device != self.device:
             raise ValueError(f"argument 'phi' must be on the posterior's device {self.device}, got {phi.device}")
         check_finite("phi", phi)
+        if against is not None and not isinstance(against, KronPosterior):
+            raise ValueError(f"argument 'against' must be a KronPosterior (the other tower), got "
+                             f"{type(against).__name__}")
+        if against is not None and against.out_features != self.out_features:
+            raise ValueError(f"argument 'against' must have D = {self.out_features}, got {against.out_features}")
         dtype = accumulation_dtype(phi.dtype)
         t = self._derived_for(dtype, phi.device)
-        x = phi.to(dtype)
-        mean = x @ t["weight"].T
-        if self.bias is not None:
-            mean = mean + t["bias"]
         if residual is not None:
             check_tensor("residual", residual, dim=2)
             check_shape("residual", residual, (phi.shape[0], self.out_features), "[N, D]")
             if residual.device != phi.device:
                 raise ValueError(f"argument 'residual' must be on {phi.device}, got {residual.device}")
             check_finite("residual", residual)
-            mean = mean + residual.to(dtype)
+            residual = residual.to(dtype)
+        other_shared = None
+        if against is not None and against.damping is Damping.KRON:
+            other_shared = against._derived_for(dtype, phi.device)["B_inv"]
         if self.damping is Damping.KRON:
-            alpha = ops.kron_quadform(phi, t["A_inv_features"])
-            if self.bias is not None:  # [phi, 1]^T A^-1 [phi, 1] = phi^T A11 phi + 2 phi^T a12 + a22
-                alpha = alpha + 2 * (x @ t["A_inv_cross"]) + t["A_inv_const"]
-            return EmbeddingDistribution.kron(mean, alpha, t["B_inv"], t["B_inv_eigvals"], t["basis_B"])
+            mean, alpha, sq_norm, cross_quad = ops.item_stats(phi, t["weight"], t.get("bias"), residual, t["A_inv"],
+                                                              other_shared)
+            return EmbeddingDistribution(mean, CovarianceForm.KRON, alpha=alpha, shared=t["B_inv"],
+                                         shared_eigvals=t["B_inv_eigvals"], basis=t["basis_B"], sq_norm=sq_norm,
+                                         cross_quad=cross_quad if other_shared is not None else None,
+                                         cross_shared=other_shared)
+        x = phi.to(dtype)
+        mean = x @ t["weight"].T
+        if self.bias is not None:
+            mean = mean + t["bias"]
+        if residual is not None:
+            mean = mean + residual
         z = x @ t["Qa_features"]
         if self.bias is not None:
             z = z + t["Qa_const"]
-        return EmbeddingDistribution.eigen(mean, (z * z) @ t["K"], t["basis_B"])
+        dist = EmbeddingDistribution.eigen(mean, (z * z) @ t["K"], t["basis_B"])
+        return dist if against is None else dist.precompute(other_shared)
 
     # ---- evidence and the prior precision (SPEC.md section 2) --------------------------------------
     def _map_sq_norm(self) -> float:

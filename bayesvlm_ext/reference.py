@@ -3,7 +3,10 @@
 These functions are the pure-PyTorch fallback when the compiled extension is missing, the oracle
 the compiled kernels are tested against, and the "naive PyTorch" baseline of the benchmarks.
 They favour the literal formula over speed: dense per-item work and, for the diagonal variance,
-three GEMMs of size N x M x D (SPEC.md sections 3 and 4).
+three GEMMs of size N x M x D (SPEC.md sections 3 and 4). `item_stats`, `pairwise_moments` and
+`topk_moments` are the plain-PyTorch twins of the compiled ops of the same names (argument
+conventions in csrc/moments.h); they are differentiable, and `topk_moments` streams over the
+gallery in chunks like the kernels do.
 """
 
 from __future__ import annotations
@@ -15,7 +18,11 @@ from torch import Tensor
 
 from ._validation import accumulation_dtype
 
-__all__ = ["kron_quadform", "embedding_variance_diag", "cosine_moments_diag"]
+__all__ = ["kron_quadform", "embedding_variance_diag", "cosine_moments_diag", "item_stats", "pairwise_moments",
+           "topk_moments"]
+
+PI_OVER_8 = math.pi / 8
+STAT_COLUMNS = ("inv_norm", "alpha", "quad")  # the [rows, 3] per-item stats of the pairwise ops
 
 
 def kron_quadform(
@@ -56,3 +63,107 @@ def cosine_moments_diag(
     norms = sq_norm_img[:, None] * sq_norm_txt[None, :]
     scale = math.exp(float(logit_scale))
     return scale * dot_mean / norms.sqrt() + float(logit_bias), scale**2 * dot_var / norms
+
+
+def item_stats(
+    phi: Tensor,  # [N, P] any floating dtype
+    weight: Tensor,  # [D, P] accumulation dtype
+    bias: Tensor | None,  # [D]
+    residual: Tensor | None,  # [N, D]
+    A_inv: Tensor,  # [P, P], or [P+1, P+1] with a bias (the constant 1 is the last feature)
+    B_cross: Tensor | None,  # [D, D]
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # mean [N, D], alpha [N], sq_norm [N], cross_quad [N] or [0]
+    """Per-item statistics of one tower (SPEC.md section 3): the embedding mean, alpha = phi^T A_inv phi,
+    ||mean||^2 and mean^T B_cross mean, accumulated in A_inv's dtype."""
+    x = phi.to(A_inv.dtype)
+    mean = x @ weight.T
+    if bias is not None:
+        mean = mean + bias
+        x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+    if residual is not None:
+        mean = mean + residual.to(mean.dtype)
+    alpha = ((x @ A_inv) * x).sum(-1)
+    cross_quad = ((mean @ B_cross) * mean).sum(-1) if B_cross is not None else mean.new_empty(0)
+    return mean, alpha, (mean * mean).sum(-1), cross_quad
+
+
+def _pair_logit_moments(x, y, x_stats, y_stats, x_var, y_var, scale, bias, trace_cross):
+    """mean, var [n, m] of the logits of every pair (SPEC.md section 4; conventions in csrc/moments.h)."""
+    dtype = x_stats.dtype
+    x, y = x.to(dtype), y.to(dtype)
+    inv_x, alpha_x, quad_x = x_stats.unbind(1)
+    inv_y, alpha_y, quad_y = y_stats.unbind(1)
+    if x_var is not None:
+        dot_var = x_var @ y_var.T
+    else:
+        dot_var = quad_x[:, None] * alpha_y[None, :] + alpha_x[:, None] * (quad_y + trace_cross * alpha_y)[None, :]
+    c = inv_x[:, None] * inv_y[None, :]
+    return scale * (x @ y.T) * c + bias, (scale * scale) * dot_var * (c * c)
+
+
+def pairwise_moments(
+    x: Tensor,  # [N, D]
+    y: Tensor,  # [M, D], x's dtype
+    x_stats: Tensor,  # [N, 3] (inv_norm, alpha, quad), accumulation dtype
+    y_stats: Tensor,  # [M, 3]
+    x_var: Tensor | None,  # [N, K] var features, or None for the Kronecker closed form
+    y_var: Tensor | None,  # [M, K]
+    scale: float,  # s = exp(logit_scale)
+    bias: float,
+    trace_cross: float,
+    output: int,  # 0 mean, 1 probit logit, 2 sigmoid probit
+) -> tuple[Tensor, Tensor]:  # first [N, M], var [N, M]
+    """Logit moments of every pair, written out densely (SPEC.md sections 4 and 5)."""
+    mean, var = _pair_logit_moments(x, y, x_stats, y_stats, x_var, y_var, scale, bias, trace_cross)
+    if output == 0:
+        return mean, var
+    probit = mean / torch.sqrt(1 + PI_OVER_8 * var)
+    return (probit if output == 1 else torch.sigmoid(probit)), var
+
+
+def topk_scores(mean: Tensor, var: Tensor, score: int, kappa: float) -> Tensor:
+    """The ranking key of SPEC.md section 7: mean, mean -/+ kappa sd, or the probit logit (score 0-3)."""
+    if score == 0:
+        return mean
+    if score in (1, 2):
+        return mean + (kappa if score == 2 else -kappa) * var.sqrt()
+    return mean / torch.sqrt(1 + PI_OVER_8 * var)
+
+
+def topk_moments(
+    x: Tensor,  # [N, D] queries
+    y: Tensor,  # [M, D] gallery, x's dtype
+    x_stats: Tensor,  # [N, 3]
+    y_stats: Tensor,  # [M, 3]
+    x_var: Tensor | None,  # [N, K]
+    y_var: Tensor | None,  # [M, K]
+    scale: float,
+    bias: float,
+    trace_cross: float,
+    k: int,
+    score: int,  # 0 mean, 1 pessimistic, 2 optimistic, 3 probit
+    kappa: float,
+    chunk: int = 8192,  # gallery rows scored at a time: memory O(N (k + chunk))
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # values, indices, mean, var: [N, k] each
+    """The k best gallery items per query, ties to the lower index, streaming over the gallery.
+
+    Values are the scores, except for score 3 ("probit"), ranked by the probit logit t and returned
+    as sigmoid(t). Each chunk's candidates are appended after the running ones (which all have lower
+    indices) and a stable descending sort keeps the first k: exactly a stable sort of the dense scores.
+    """
+    n = x.shape[0]
+    dtype = x_stats.dtype
+    best = [x_stats.new_empty(n, 0), torch.empty(n, 0, dtype=torch.long, device=x.device),
+            x_stats.new_empty(n, 0), x_stats.new_empty(n, 0)]  # key, index, mean, var
+    for g0 in range(0, y.shape[0], chunk):
+        rows = slice(g0, g0 + chunk)
+        mean, var = _pair_logit_moments(x, y[rows], x_stats, y_stats[rows], x_var,
+                                        None if y_var is None else y_var[rows], scale, bias, trace_cross)
+        key = topk_scores(mean, var, score, kappa)
+        index = torch.arange(g0, g0 + mean.shape[1], device=x.device).expand(n, -1)
+        merged = [torch.cat([b, c], dim=1) for b, c in zip(best, (key, index, mean, var))]
+        order = torch.sort(merged[0], dim=1, descending=True, stable=True).indices[:, :k]
+        best = [t.gather(1, order) for t in merged]
+    key, index, mean, var = (t[:, :k] for t in best)
+    values = torch.sigmoid(key) if score == 3 else key
+    return values.to(dtype), index, mean, var

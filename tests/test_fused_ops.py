@@ -1,0 +1,335 @@
+"""The fused ops item_stats, pairwise_moments and topk_moments against float64 oracles and the reference.
+
+Oracles are written here from SPEC.md (sections 3, 4, 7) in float64 on the same rounded inputs;
+the compiled ops must stay within the error budget of their accumulation precision, and top-k must
+equal a stable descending sort of the dense scores (ties to the lower index).
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from testing import devices, dtypes, error_budget, spd
+
+import bayesvlm_ext
+from bayesvlm_ext import ops, reference
+
+needs_extension = pytest.mark.skipif(not bayesvlm_ext.has_extension(), reason="compiled extension not built")
+SCALE, BIAS, TRACE_CROSS = 100.0, -2.5, 0.3
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def budget(dtype):
+    """Inputs are read exactly and accumulated in float32 (float64): the budget of that precision."""
+    return error_budget(acc_dtype(dtype))
+
+
+def strided(t: torch.Tensor, transpose: bool) -> torch.Tensor:
+    return t.T.contiguous().T if transpose else t  # same values, column-major storage
+
+
+def pair_data(n, m, d, dtype, device, generator, with_var=False, var_width=None, transpose=False):
+    """Means in `dtype`, positive per-item stats and (optionally) positive variance features."""
+    acc = acc_dtype(dtype)
+    x = strided(torch.randn(n, d, generator=generator, dtype=torch.float64).to(dtype), transpose).to(device)
+    y = torch.randn(m, d, generator=generator, dtype=torch.float64).to(dtype).to(device)
+    x_stats = (torch.rand(n, 3, generator=generator, dtype=torch.float64) + 0.1).to(device=device, dtype=acc)
+    y_stats = (torch.rand(m, 3, generator=generator, dtype=torch.float64) + 0.1).to(device=device, dtype=acc)
+    x_var = y_var = None
+    if with_var:
+        width = var_width if var_width is not None else 2 * d
+        x_var = torch.rand(n, width, generator=generator, dtype=torch.float64).to(device=device, dtype=acc)
+        y_var = torch.rand(m, width, generator=generator, dtype=torch.float64).to(device=device, dtype=acc)
+    return x, y, x_stats, y_stats, x_var, y_var
+
+
+def oracle_moments(x, y, x_stats, y_stats, x_var, y_var, scale=SCALE, bias=BIAS, trace_cross=TRACE_CROSS):
+    """SPEC.md section 4 in float64: (mean, var, magnitude of the mean's rounding) [N, M] each."""
+    x, y, xs, ys = x.double().cpu(), y.double().cpu(), x_stats.double().cpu(), y_stats.double().cpu()
+    c = xs[:, 0:1] * ys[:, 0][None, :]
+    if x_var is not None:
+        dot_var = x_var.double().cpu() @ y_var.double().cpu().T
+    else:
+        ax, qx, ay, qy = xs[:, 1:2], xs[:, 2:3], ys[:, 1][None, :], ys[:, 2][None, :]
+        dot_var = ay * qx + ax * qy + trace_cross * ax * ay
+    mean = scale * (x @ y.T) * c + bias
+    magnitude = scale * (x.abs() @ y.abs().T) * c + abs(bias)
+    return mean, scale**2 * dot_var * c * c, magnitude
+
+
+def assert_moments_close(mean, var, x, y, x_stats, y_stats, x_var, y_var, dtype):
+    exp_mean, exp_var, magnitude = oracle_moments(x, y, x_stats, y_stats, x_var, y_var)
+    assert mean.dtype == acc_dtype(dtype) and var.dtype == acc_dtype(dtype)
+    assert mean.shape == exp_mean.shape and var.shape == exp_var.shape
+    if mean.numel() == 0:
+        return
+    err_mean = ((mean.double().cpu() - exp_mean).abs() / magnitude).max().item()
+    err_var = ((var.double().cpu() - exp_var).abs() / exp_var.abs().clamp_min(1e-300)).max().item()  # terms >= 0
+    assert err_mean <= budget(dtype), f"mean error {err_mean:.3g}"
+    assert err_var <= budget(dtype), f"var error {err_var:.3g}"
+
+
+# ---- pairwise_moments -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", devices, ids=str)
+@pytest.mark.parametrize("dtype", dtypes, ids=str)
+@pytest.mark.parametrize("with_var", [False, True], ids=["kron", "var-features"])
+@pytest.mark.parametrize("n,m,d", [(1, 1, 1), (7, 5, 3), (257, 515, 64), (33, 600, 1280), (300, 1, 17), (1, 700, 8)])
+def test_pairwise_moments_matches_float64_oracle(device, dtype, with_var, n, m, d, generator):
+    data = pair_data(n, m, d, dtype, device, generator, with_var, transpose=n % 2 == 1)
+    mean, var = ops.pairwise_moments(*data, SCALE, BIAS, TRACE_CROSS, 0)
+    assert mean.device == data[0].device
+    assert_moments_close(mean, var, *data, dtype)
+
+
+@pytest.mark.parametrize("device", devices, ids=str)
+@pytest.mark.parametrize("with_var", [False, True], ids=["kron", "var-features"])
+def test_pairwise_moments_probit_outputs(device, with_var, generator):
+    data = pair_data(40, 70, 16, torch.float64, device, generator, with_var)
+    exp_mean, exp_var, _ = oracle_moments(*data)
+    probit = exp_mean / torch.sqrt(1 + math.pi / 8 * exp_var)
+    for output, expected in ((1, probit), (2, torch.sigmoid(probit))):
+        first, var = ops.pairwise_moments(*data, SCALE, BIAS, TRACE_CROSS, output)
+        torch.testing.assert_close(first.cpu(), expected, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(var.cpu(), exp_var, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("device", devices, ids=str)
+@pytest.mark.parametrize("n,m", [(0, 5), (5, 0), (0, 0)])
+def test_pairwise_moments_empty(device, n, m, generator):
+    data = pair_data(n, m, 4, torch.float32, device, generator, with_var=True)
+    mean, var = ops.pairwise_moments(*data, SCALE, BIAS, TRACE_CROSS, 0)
+    assert mean.shape == (n, m) and var.shape == (n, m) and mean.dtype == torch.float32
+
+
+@pytest.mark.parametrize("device", devices, ids=str)
+def test_pairwise_moments_zero_width_embeddings(device, generator):
+    data = pair_data(3, 4, 0, torch.float32, device, generator)  # D = 0: every dot is 0
+    mean, var = ops.pairwise_moments(*data, SCALE, BIAS, TRACE_CROSS, 0)
+    assert torch.equal(mean.cpu(), torch.full((3, 4), BIAS))
+    assert_moments_close(mean, var, *data, torch.float32)
+
+
+@needs_extension
+def test_pairwise_moments_agrees_with_reference_and_opcheck(generator):
+    data = pair_data(20, 30, 8, torch.float32, "cpu", generator, with_var=True)
+    compiled = torch.ops.bayesvlm_ext.pairwise_moments(*data, SCALE, BIAS, TRACE_CROSS, 1)
+    ref = reference.pairwise_moments(*data, SCALE, BIAS, TRACE_CROSS, 1)
+    for got, expected in zip(compiled, ref):
+        torch.testing.assert_close(got, expected, rtol=2e-5, atol=1e-6)
+    for with_var in (False, True):
+        data = pair_data(9, 13, 5, torch.float32, "cpu", generator, with_var)
+        torch.library.opcheck(torch.ops.bayesvlm_ext.pairwise_moments.default,
+                              (*data, SCALE, BIAS, TRACE_CROSS, 0))
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(0, 40), m=st.integers(0, 40), d=st.integers(0, 24), with_var=st.booleans(),
+       dtype=st.sampled_from(dtypes), step=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
+def test_pairwise_moments_property_shapes_and_strides(n, m, d, with_var, dtype, step, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, y, x_stats, y_stats, x_var, y_var = pair_data(n, m, d, dtype, "cpu", g, with_var)
+    x = torch.randn(n * step, max(d, 1) * step, generator=g, dtype=torch.float64).to(dtype)[::step, ::step][:, :d]
+    mean, var = ops.pairwise_moments(x, y, x_stats, y_stats, x_var, y_var, SCALE, BIAS, TRACE_CROSS, 0)
+    assert_moments_close(mean, var, x, y, x_stats, y_stats, x_var, y_var, dtype)
+
+
+def test_pairwise_moments_errors_name_the_argument(generator):
+    x, y, xs, ys, xv, yv = pair_data(4, 5, 3, torch.float32, "cpu", generator, with_var=True)
+    with pytest.raises(ValueError, match="'x' and 'y' must have one dtype"):
+        ops.pairwise_moments(x, y.double(), xs, ys, None, None, SCALE, BIAS, TRACE_CROSS)
+    with pytest.raises(ValueError, match="'y_stats' must have shape"):
+        ops.pairwise_moments(x, y, xs, ys[:3], None, None, SCALE, BIAS, TRACE_CROSS)
+    with pytest.raises(ValueError, match="'x_stats' must be torch.float32"):
+        ops.pairwise_moments(x, y, xs.double(), ys, None, None, SCALE, BIAS, TRACE_CROSS)
+    with pytest.raises(ValueError, match="given together"):
+        ops.pairwise_moments(x, y, xs, ys, xv, None, SCALE, BIAS, TRACE_CROSS)
+    with pytest.raises(ValueError, match="'y_var' must have shape"):
+        ops.pairwise_moments(x, y, xs, ys, xv, yv[:, :2], SCALE, BIAS, TRACE_CROSS)
+    with pytest.raises(ValueError, match="'output'"):
+        ops.pairwise_moments(x, y, xs, ys, None, None, SCALE, BIAS, TRACE_CROSS, 3)
+
+
+# ---- topk_moments -----------------------------------------------------------------------------------------
+def dense_topk(data, k, score, kappa, scale, bias, trace_cross):
+    """Stable descending sort of the float64 dense scores: the definition top-k must reproduce."""
+    mean, var, _ = oracle_moments(*data, scale=scale, bias=bias, trace_cross=trace_cross)
+    key = reference.topk_scores(mean, var, score, kappa)
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]
+    values = key.gather(1, order)
+    return (torch.sigmoid(values) if score == 3 else values), order, mean.gather(1, order), var.gather(1, order)
+
+
+@pytest.mark.parametrize("device", devices, ids=str)
+@pytest.mark.parametrize("dtype", dtypes, ids=str)
+@pytest.mark.parametrize("score", [0, 1, 2, 3], ids=["mean", "pessimistic", "optimistic", "probit"])
+@pytest.mark.parametrize("with_var", [False, True], ids=["kron", "var-features"])
+@pytest.mark.parametrize("n,m,d,k", [(3, 5000, 24, 7), (300, 1100, 8, 1), (1, 1, 3, 1), (5, 9, 4, 9)])
+def test_topk_matches_dense_sort(device, dtype, score, with_var, n, m, d, k, generator):
+    # Integer-valued means and stats: every dot product and moment is exact in float32 and bf16,
+    # so the compiled kernels and the float64 oracle agree bit for bit and ties are real ties.
+    acc = acc_dtype(dtype)
+    x = torch.randint(-3, 4, (n, d), generator=generator).to(device=device, dtype=dtype)
+    y = torch.randint(-3, 4, (m, d), generator=generator).to(device=device, dtype=dtype)
+    x_stats = torch.ones(n, 3, dtype=acc, device=device)
+    y_stats = torch.ones(m, 3, dtype=acc, device=device)
+    x_stats[:, 2] = torch.randint(0, 3, (n,), generator=generator).to(acc)
+    y_stats[:, 2] = torch.randint(0, 3, (m,), generator=generator).to(acc)
+    x_var = y_var = None
+    if with_var:
+        x_var = torch.randint(0, 3, (n, 2 * d), generator=generator).to(device=device, dtype=acc)
+        y_var = torch.randint(0, 3, (m, 2 * d), generator=generator).to(device=device, dtype=acc)
+    data = (x, y, x_stats, y_stats, x_var, y_var)
+    values, indices, mean, var = ops.topk_moments(*data, 1.0, 0.5, 0.25, k, score, 0.5)
+    exp_values, exp_indices, exp_mean, exp_var = dense_topk(data, k, score, 0.5, 1.0, 0.5, 0.25)
+    assert indices.dtype == torch.int64 and values.dtype == acc and values.shape == (n, k)
+    assert torch.equal(indices.cpu(), exp_indices), "top-k indices differ from the stable dense sort"
+    rtol = 1e-12 if dtype == torch.float64 else 1e-6  # sqrt / exp in the score are the only roundings
+    torch.testing.assert_close(values.cpu().double(), exp_values, rtol=rtol, atol=1e-12)
+    torch.testing.assert_close(mean.cpu().double(), exp_mean, rtol=0, atol=0)
+    torch.testing.assert_close(var.cpu().double(), exp_var, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", devices, ids=str)
+def test_topk_ties_keep_the_lower_index(device):
+    # Every gallery item identical: the answer must be 0, 1, ..., k-1 for every query and score.
+    x = torch.ones(4, 6, device=device)
+    y = torch.ones(3000, 6, device=device)
+    stats_x, stats_y = torch.ones(4, 3, device=device), torch.ones(3000, 3, device=device)
+    for score in range(4):
+        _, indices, _, _ = ops.topk_moments(x, y, stats_x, stats_y, None, None, 1.0, 0.0, 1.0, 10, score, 1.0)
+        assert torch.equal(indices.cpu(), torch.arange(10).expand(4, 10))
+
+
+@pytest.mark.parametrize("device", devices, ids=str)
+@pytest.mark.parametrize("dtype", dtypes, ids=str)
+def test_topk_random_data_matches_pairwise_scores(device, dtype, generator):
+    # Continuous data: the values must match the dense oracle within the budget and each returned
+    # index must carry the returned score.
+    data = pair_data(37, 4100, 40, dtype, device, generator, with_var=False)
+    values, indices, mean, var = ops.topk_moments(*data, SCALE, BIAS, TRACE_CROSS, 16, 1, 1.0)
+    exp_mean, exp_var, magnitude = oracle_moments(*data)
+    key = reference.topk_scores(exp_mean, exp_var, 1, 1.0)
+    tol = budget(dtype) * magnitude.max().item()
+    torch.testing.assert_close(values.cpu().double(), key.gather(1, indices.cpu()), rtol=0, atol=tol)
+    best = torch.sort(key, dim=1, descending=True).values[:, :16]
+    torch.testing.assert_close(values.cpu().double(), best, rtol=0, atol=tol)
+    assert (values[:, 1:] <= values[:, :-1]).all()
+
+
+@pytest.mark.parametrize("device", devices, ids=str)
+def test_topk_empty_and_k_zero(device, generator):
+    data = pair_data(0, 6, 4, torch.float32, device, generator)
+    assert all(t.shape == (0, 3) for t in ops.topk_moments(*data, SCALE, BIAS, TRACE_CROSS, 3, 0, 1.0))
+    data = pair_data(5, 6, 4, torch.float32, device, generator)
+    assert all(t.shape == (5, 0) for t in ops.topk_moments(*data, SCALE, BIAS, TRACE_CROSS, 0, 0, 1.0))
+    data = pair_data(5, 0, 4, torch.float32, device, generator)
+    assert all(t.shape == (5, 0) for t in ops.topk_moments(*data, SCALE, BIAS, TRACE_CROSS, 0, 0, 1.0))
+
+
+def test_topk_errors_name_the_argument(generator):
+    data = pair_data(4, 5, 3, torch.float32, "cpu", generator)
+    with pytest.raises(ValueError, match="'k' must be an int in"):
+        ops.topk_moments(*data, SCALE, BIAS, TRACE_CROSS, 6, 0, 1.0)
+    with pytest.raises(ValueError, match="'k' must be an int in"):
+        ops.topk_moments(*data, SCALE, BIAS, TRACE_CROSS, -1, 0, 1.0)
+    with pytest.raises(ValueError, match="'score'"):
+        ops.topk_moments(*data, SCALE, BIAS, TRACE_CROSS, 2, 4, 1.0)
+
+
+@needs_extension
+def test_topk_opcheck_and_reference_agree(generator):
+    data = pair_data(6, 50, 5, torch.float64, "cpu", generator, with_var=True)
+    compiled = torch.ops.bayesvlm_ext.topk_moments(*data, SCALE, BIAS, TRACE_CROSS, 4, 1, 0.7)
+    ref = reference.topk_moments(*data, SCALE, BIAS, TRACE_CROSS, 4, 1, 0.7, chunk=7)  # several merges
+    assert torch.equal(compiled[1], ref[1])
+    for got, expected in zip(compiled, ref):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    torch.library.opcheck(torch.ops.bayesvlm_ext.topk_moments.default, (*data, SCALE, BIAS, TRACE_CROSS, 4, 1, 0.7))
+
+
+# ---- item_stats --------------------------------------------------------------------------------------------
+def item_stats_oracle(phi, weight, bias, residual, A_inv, B_cross):
+    """SPEC.md section 3 item by item in float64."""
+    x = phi.double().cpu()
+    mean = x @ weight.double().cpu().T
+    if bias is not None:
+        mean = mean + bias.double().cpu()
+        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
+    if residual is not None:
+        mean = mean + residual.double().cpu()
+    A = A_inv.double().cpu()
+    alpha = torch.stack([xi @ A @ xi for xi in x]) if len(x) else x.new_zeros(0)
+    quad = (torch.stack([mi @ B_cross.double().cpu() @ mi for mi in mean]) if len(mean) else mean.new_zeros(0)) \
+        if B_cross is not None else None
+    magnitude = torch.stack([xi.abs() @ A.abs() @ xi.abs() for xi in x]) if len(x) else x.new_zeros(0)
+    return mean, alpha, (mean * mean).sum(-1), quad, magnitude
+
+
+@pytest.mark.parametrize("device", devices, ids=str)
+@pytest.mark.parametrize("dtype", dtypes, ids=str)
+@pytest.mark.parametrize("with_bias,with_residual,with_cross", [(False, False, False), (True, False, True),
+                                                                (False, True, True), (True, True, False)])
+@pytest.mark.parametrize("n,p,d", [(1, 3, 2), (300, 40, 24), (129, 7, 33)])
+def test_item_stats_matches_float64_oracle(device, dtype, with_bias, with_residual, with_cross, n, p, d, generator):
+    acc = acc_dtype(dtype)
+    phi = strided(torch.randn(n, p, generator=generator, dtype=torch.float64).to(dtype), n % 2 == 1).to(device)
+    weight = torch.randn(d, p, generator=generator, dtype=torch.float64).to(device=device, dtype=acc)
+    bias = torch.randn(d, generator=generator, dtype=torch.float64).to(device=device, dtype=acc) if with_bias else None
+    residual = (torch.randn(n, d, generator=generator, dtype=torch.float64).to(device=device, dtype=acc)
+                if with_residual else None)
+    A_inv = spd(p + with_bias, generator).to(device=device, dtype=acc)
+    B_cross = spd(d, generator).to(device=device, dtype=acc) if with_cross else None
+    mean, alpha, sq_norm, quad = ops.item_stats(phi, weight, bias, residual, A_inv, B_cross)
+    exp_mean, exp_alpha, exp_sq, exp_quad, magnitude = item_stats_oracle(phi, weight, bias, residual, A_inv, B_cross)
+    tol = budget(dtype)
+    assert mean.dtype == acc and mean.shape == (n, d) and alpha.shape == (n,) and sq_norm.shape == (n,)
+    mean_mag = phi.double().cpu().abs() @ weight.double().cpu().abs().T + 1.0
+    assert ((mean.double().cpu() - exp_mean).abs() / mean_mag).max() <= tol
+    assert ((alpha.double().cpu() - exp_alpha).abs() / magnitude.clamp_min(1.0)).max() <= tol
+    assert ((sq_norm.double().cpu() - exp_sq).abs() / exp_sq.clamp_min(1e-300)).max() <= 2 * tol
+    if with_cross:
+        assert quad.shape == (n,)
+        assert ((quad.double().cpu() - exp_quad).abs() / exp_quad.clamp_min(1e-300)).max() <= 4 * tol
+    else:
+        assert quad.shape == (0,)
+
+
+@needs_extension
+def test_item_stats_opcheck_and_empty(generator):
+    phi = torch.randn(6, 5, generator=generator)
+    args = (phi, torch.randn(4, 5, generator=generator), torch.randn(4, generator=generator), None,
+            spd(6, generator).float(), spd(4, generator).float())
+    torch.library.opcheck(torch.ops.bayesvlm_ext.item_stats.default, args)
+    mean, alpha, sq_norm, quad = ops.item_stats(phi[:0], *args[1:])
+    assert mean.shape == (0, 4) and alpha.shape == (0,) and sq_norm.shape == (0,) and quad.shape == (0,)
+
+
+def test_item_stats_errors_name_the_argument(generator):
+    phi, weight, A = torch.randn(3, 5), torch.randn(4, 5), spd(5, generator).float()
+    with pytest.raises(ValueError, match="'A_inv' must have shape \\(6, 6\\)"):
+        ops.item_stats(phi, weight, torch.zeros(4), None, A, None)
+    with pytest.raises(ValueError, match="'weight' must have shape"):
+        ops.item_stats(phi, weight[:, :4], None, None, A, None)
+    with pytest.raises(ValueError, match="'B_cross' must be torch.float32"):
+        ops.item_stats(phi, weight, None, None, A, torch.eye(4, dtype=torch.float64))
+
+
+# ---- compile -----------------------------------------------------------------------------------------------
+@needs_extension
+def test_fused_ops_compile_fullgraph(generator):
+    data = pair_data(12, 17, 6, torch.float32, "cpu", generator, with_var=True)
+
+    def score(x, y, xs, ys, xv, yv):
+        mean, var = torch.ops.bayesvlm_ext.pairwise_moments(x, y, xs, ys, xv, yv, SCALE, BIAS, TRACE_CROSS, 0)
+        values, indices, _, _ = torch.ops.bayesvlm_ext.topk_moments(x, y, xs, ys, None, None, SCALE, BIAS,
+                                                                    TRACE_CROSS, 3, 0, 1.0)
+        return mean - var.sqrt(), values, indices
+
+    compiled = torch.compile(score, fullgraph=True, backend="inductor")
+    for got, expected in zip(compiled(*data), score(*data)):
+        torch.testing.assert_close(got, expected)
