@@ -9,7 +9,7 @@ PIP     := $(PY) -m pip --disable-pip-version-check
 CMAKE_BUILD := build/cmake
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py tools/cuda_toolkit.py
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h') setup.py tools/cuda_toolkit.py
 
 .PHONY: all setup build demo test test-python test-cpp bench clean
 all: test

@@ -2,13 +2,16 @@
 
     python -m benchmarks.report                 # CPU; extra arguments go to pytest, e.g. -k quadform
     BAYESVLM_BENCH_DEVICE=cuda python -m benchmarks.report
+    python -m benchmarks.report --no-memory     # skip the top-k memory measurements
 
 Runs `pytest benchmarks --benchmark-only --benchmark-json=<tmp>` in a subprocess, then, per
 benchmark group, prints each entry's median time and its ratio to the group's baseline (the entry
 whose `extra_info["role"]` is "baseline": torch.mm for the moments, the reference for kron_quadform)
 and to the naive reference where the group has a separate one. Ratios are time / baseline time,
-so below 1 is faster. The JSON records the device, torch and CUDA versions, threads, shapes,
-medians and ratios.
+so below 1 is faster. It then measures the peak extra memory of top-k and of the chunked
+baseline, each in a fresh process (benchmarks/memory.py), and checks the issue's targets (TARGETS)
+on the numbers of this one run. The JSON records the device, torch and CUDA versions, threads,
+shapes, medians, ratios, memory and each target with its measured value and whether it was met.
 """
 
 from __future__ import annotations
@@ -94,6 +97,69 @@ def summarise(raw: dict) -> list[dict]:
     return summary
 
 
+# (description, device type, dtype, measured as a function of {key: median seconds} in the group, op, bound)
+TARGETS = [
+    ("moments kron / torch.mm", "cpu", "float32", "moments", lambda t: t["kron"] / t["mm"], "<=", 1.3),
+    ("reference diag / moments kron", "cpu", "float32", "moments", lambda t: t["reference_diag"] / t["kron"], ">=",
+     4.0),
+    ("reference diag / fused diag", "cpu", "float32", "moments", lambda t: t["reference_diag"] / t["diag"], ">=",
+     3.0),
+    ("topk mean / chunked mm+topk", "cpu", "float32", "topk", lambda t: t["topk_mean"] / t["chunked_mm_topk"], "<=",
+     1.2),
+    ("topk pessimistic / chunked mm+topk", "cpu", "float32", "topk",
+     lambda t: t["topk_pessimistic"] / t["chunked_mm_topk"], "<=", 1.2),
+] + [
+    target
+    for dtype in ("bfloat16", "float32")
+    for target in (
+        (f"moments kron / max(torch.mm, write outputs), {dtype}", "cuda", dtype, "moments",
+         lambda t: t["kron"] / max(t["mm"], t["write_outputs"]), "<=", 1.3),
+        (f"reference diag / moments kron, {dtype}", "cuda", dtype, "moments",
+         lambda t: t["reference_diag"] / t["kron"], ">=", 5.0),
+        (f"topk mean / chunked mm+topk, {dtype}", "cuda", dtype, "topk",
+         lambda t: t["topk_mean"] / t["chunked_mm_topk"], "<", 1.0),
+    )
+]
+MEMORY_TARGET_MB = {"cpu": 64.0, "cuda": 256.0}
+
+
+def check_targets(raw: dict, device_type: str) -> list[dict]:
+    """Each target of TARGETS for this device type, measured on this run's medians."""
+    medians: dict[tuple[str, str], dict[str, float]] = {}
+    for bench in raw["benchmarks"]:
+        info = bench["extra_info"]
+        medians.setdefault((info.get("kind"), info.get("dtype")), {})[info.get("key")] = bench["stats"]["median"]
+    results = []
+    for description, target_device, dtype, kind, measure, op, bound in TARGETS:
+        if target_device != device_type:
+            continue
+        try:
+            value = measure(medians[(kind, dtype)])
+        except KeyError:
+            results.append({"target": description, "bound": f"{op} {bound}", "measured": None, "met": None})
+            continue
+        met = {"<=": value <= bound, ">=": value >= bound, "<": value < bound}[op]
+        results.append({"target": description, "bound": f"{op} {bound}", "measured": value, "met": met})
+    return results
+
+
+def measure_memory(device_type: str) -> list[dict]:
+    """Peak extra memory of top-k and of the chunked baseline, each in a fresh process."""
+    dtypes = ["bfloat16", "float32"] if device_type == "cuda" else ["float32"]
+    runs = []
+    for dtype in dtypes:
+        for impl, score in (("chunked_mm_topk", None), ("topk", "mean"), ("topk", "pessimistic")):
+            command = [sys.executable, "-m", "benchmarks.memory", "--impl", impl, "--dtype", dtype]
+            if score:
+                command += ["--score", score]
+            out = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+            run = json.loads(out.strip().splitlines()[-1])
+            run["target_mb"] = MEMORY_TARGET_MB[device_type] if impl == "topk" else None
+            run["met"] = None if impl != "topk" else run["extra_mb"] < MEMORY_TARGET_MB[device_type]
+            runs.append(run)
+    return runs
+
+
 def print_table(summary: list[dict]) -> None:
     def ratio(value):
         return "-" if value is None else f"{value:.2f}x"
@@ -101,15 +167,20 @@ def print_table(summary: list[dict]) -> None:
     for group in summary:
         print(f"\n{group['group']}  (baseline: {group['baseline']}"
               + (f", reference: {group['reference']})" if group["reference"] else ")"))
-        print(f"  {'name':<38} {'median ms':>10} {'vs baseline':>12} {'vs reference':>13}")
+        print(f"  {'name':<52} {'median ms':>10} {'vs baseline':>12} {'vs reference':>13}")
         for entry in group["results"]:
-            print(f"  {entry['name']:<38} {entry['median_ms']:>10.2f} {ratio(entry['ratio_to_baseline']):>12} "
+            print(f"  {entry['name']:<52} {entry['median_ms']:>10.2f} {ratio(entry['ratio_to_baseline']):>12} "
                   f"{ratio(entry['ratio_to_reference']):>13}")
+
+
+def _verdict(met: bool | None) -> str:
+    return {True: "met", False: "MISSED", None: ""}[met]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", help="results file (default: benchmarks/results/<device>.json)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the top-k memory measurements")
     args, pytest_args = parser.parse_known_args(argv)
     device = torch.device(os.environ.get(DEVICE_ENV, "cpu"))
     name, slug = device_description(device)
@@ -137,10 +208,19 @@ def main(argv: list[str] | None = None) -> int:
         "backend": bayesvlm_ext.backend(device),
         "python": platform.python_version(),
         "datetime": raw.get("datetime") or datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "dtype": "float32",
         "groups": summary,
+        "targets": check_targets(raw, device.type),
+        "memory": [] if args.no_memory else measure_memory(device.type),
     }
     print_table(summary)
+    print("\ntargets (this run)")
+    for target in result["targets"]:
+        value = "-" if target["measured"] is None else f"{target['measured']:.2f}"
+        print(f"  {target['target']:<55} {value:>8}  {target['bound']:<8} {_verdict(target['met'])}")
+    for run in result["memory"]:
+        name = run["impl"] + (f" {run['score']}" if run["score"] else "") + f" {run['dtype']}"
+        bound = f"< {run['target_mb']:.0f} MB" if run["target_mb"] else ""
+        print(f"  peak extra memory {name:<37} {run['extra_mb']:>6.1f} MB  {bound:<8} {_verdict(run['met'])}")
     output = args.output or os.path.join(BENCH_DIR, "results", f"{slug}.json")
     os.makedirs(os.path.dirname(output), exist_ok=True)
     with open(output, "w") as f:

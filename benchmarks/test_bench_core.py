@@ -1,9 +1,9 @@
-"""Core op benchmarks, float32: the compiled/fused paths against the pure-PyTorch reference and torch.mm.
+"""Core op benchmarks: the fused ops against torch.mm, the published formulation and chunked top-k.
 
-Every benchmark first checks its result (float64 oracle, float32 error budget), then times with
-`benchmark.pedantic` (one warm-up round, a fixed number of rounds, synchronised on CUDA).
-`extra_info["role"]` tells benchmarks/report.py which entry of a group is the baseline ("baseline")
-and which the naive reference ("reference"); ratios are taken to those.
+Every benchmark first checks its result (float64 oracle, error budget of its precision), then times
+with `benchmark.pedantic` (one warm-up round, a fixed number of rounds, synchronised on CUDA).
+`extra_info["key"]` names the entry for the targets in benchmarks/report.py and `extra_info["role"]`
+marks the group's baseline ("baseline") and the naive reference ("reference"); ratios are taken to those.
 
 Run: `pytest benchmarks --benchmark-only`; `python -m benchmarks.report` runs this and writes
 `benchmarks/results/<device>.json`.
@@ -16,78 +16,107 @@ import torch
 from torch import Tensor
 
 import bayesvlm_ext
-from bayesvlm_ext import EmbeddingDistribution, cosine_moments, ops, reference
+from bayesvlm_ext import EmbeddingDistribution, cosine_moments, ops, reference, topk
 
-from .conftest import LOGIT_SCALE, MOMENTS_SHAPE, QUADFORM_SHAPE, synchronize
+from .conftest import LOGIT_SCALE, bench_dtypes, shapes, synchronize
 
 ROUNDS = 10
-
-QUADFORM_GROUP = "kron_quadform N={N} P={P} float32".format(**QUADFORM_SHAPE)
-MOMENTS_GROUP = "cosine_moments N={N} M={M} D={D} float32".format(**MOMENTS_SHAPE)
-
-# float32 error budget against a float64 oracle, relative to the largest magnitude of the result:
-# sums of P = 768 (or 2 D = 1024) products lose a few hundred ulps at worst (2^-23 ~ 1.2e-7).
-RTOL = 1e-5
+TOPK_CHUNK = 16384  # gallery rows per torch.mm in the chunked baseline: a [N, 16384] score block
 
 
-def assert_close_to_oracle(name: str, actual: Tensor, oracle: Tensor) -> None:
-    """max |actual - oracle| <= RTOL * max |oracle| (actual float32, oracle float64)."""
-    assert actual.dtype == torch.float32, f"{name}: expected a float32 result, got {actual.dtype}"
+def group_name(kind: str, dtype: torch.dtype = torch.float32) -> str:
+    shape = shapes()[kind]
+    dims = " ".join(f"{k}={v}" for k, v in shape.items() if not k.startswith("P_"))
+    return f"{kind} {dims} {str(dtype).replace('torch.', '')}"
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Error budget relative to the largest magnitude of the result: float32 accumulation of up to
+    2D = 1024 products of exactly-read inputs loses a few hundred ulps at worst (2^-23 ~ 1.2e-7)."""
+    return 1e-12 if dtype == torch.float64 else 1e-5
+
+
+def assert_close_to_oracle(name: str, actual: Tensor, oracle: Tensor, dtype: torch.dtype = torch.float32) -> None:
+    """max |actual - oracle| <= tolerance * max |oracle| (oracle float64)."""
     assert actual.shape == oracle.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(oracle.shape)}"
     error = (actual.double() - oracle).abs().max().item()
-    bound = RTOL * oracle.abs().max().item()
-    assert error <= bound, f"{name}: max abs error {error:.3g} exceeds {bound:.3g} (rtol {RTOL:g} of max |oracle|)"
+    bound = tolerance(dtype) * oracle.abs().max().item()
+    assert error <= bound, f"{name}: max abs error {error:.3g} exceeds {bound:.3g}"
 
 
-def run_timed(benchmark, fn, device: torch.device, role: str, **info):
-    """Time fn() with pedantic rounds, synchronising on CUDA, and record the role and shapes."""
+def run_timed(benchmark, fn, device: torch.device, role: str, key: str, kind: str, dtype=torch.float32):
+    """Time fn() with pedantic rounds, synchronising on CUDA, and record what the report needs."""
     def call():
         result = fn()
         synchronize(device)
         return result
 
-    benchmark.extra_info.update(role=role, device=str(device), backend=bayesvlm_ext.backend(device),
-                                threads=torch.get_num_threads(), **info)
+    benchmark.extra_info.update(role=role, key=key, kind=kind, dtype=str(dtype).replace("torch.", ""),
+                                device=str(device), backend=bayesvlm_ext.backend(device),
+                                threads=torch.get_num_threads(), shape=shapes(device)[kind])
     return benchmark.pedantic(call, rounds=ROUNDS, iterations=1, warmup_rounds=1)
 
 
-# ---- (a) alpha = phi^T C phi per row ---------------------------------------------------------------
-def quadform_oracle(
-    phi: Tensor,  # [N, P]
-    C: Tensor,  # [P, P]
-) -> Tensor:  # [N] float64
-    return reference.kron_quadform(phi.double(), C.double())
+def with_mean_dtype(dist: EmbeddingDistribution, dtype: torch.dtype) -> EmbeddingDistribution:
+    """The same distribution with its means stored in `dtype` (statistics stay float32)."""
+    return EmbeddingDistribution(dist.mean.to(dtype), dist.form, alpha=dist.alpha, shared=dist.shared,
+                                 shared_eigvals=dist.shared_eigvals, basis=dist.basis, sq_norm=dist.sq_norm,
+                                 cross_quad=dist.cross_quad, cross_shared=dist.cross_shared)
 
 
-@pytest.mark.benchmark(group=QUADFORM_GROUP)
+# ---- (a) alpha = phi^T C phi per row, and the per-item statistics ---------------------------------------
+@pytest.mark.benchmark(group=group_name("quadform"))
 def test_kron_quadform_ops(benchmark, quadform_inputs, device):
     phi, C = quadform_inputs
-    assert_close_to_oracle("ops.kron_quadform", ops.kron_quadform(phi, C), quadform_oracle(phi, C))
-    run_timed(benchmark, lambda: ops.kron_quadform(phi, C), device, "candidate", shape=QUADFORM_SHAPE)
+    oracle = reference.kron_quadform(phi.double(), C.double())
+    assert_close_to_oracle("ops.kron_quadform", ops.kron_quadform(phi, C), oracle)
+    run_timed(benchmark, lambda: ops.kron_quadform(phi, C), device, "candidate", "ops", "quadform")
 
 
-@pytest.mark.benchmark(group=QUADFORM_GROUP)
+@pytest.mark.benchmark(group=group_name("quadform"))
 def test_kron_quadform_reference(benchmark, quadform_inputs, device):
     phi, C = quadform_inputs
-    assert_close_to_oracle("reference.kron_quadform", reference.kron_quadform(phi, C), quadform_oracle(phi, C))
-    run_timed(benchmark, lambda: reference.kron_quadform(phi, C), device, "baseline", shape=QUADFORM_SHAPE)
+    run_timed(benchmark, lambda: reference.kron_quadform(phi, C), device, "baseline", "reference", "quadform")
+
+
+@pytest.fixture(scope="module")
+def item_stats_inputs(quadform_inputs, device):
+    phi, C = quadform_inputs  # [N, P], [P, P]
+    d = shapes(device)["item_stats"]["D"]
+    generator = torch.Generator().manual_seed(3)
+    weight = (torch.randn(d, phi.shape[1], generator=generator) / phi.shape[1] ** 0.5).to(device)
+    B = (torch.eye(d) + 0.01 * torch.ones(d, d)).to(device)
+    return phi, weight, None, None, C, B
+
+
+@pytest.mark.benchmark(group=group_name("item_stats"))
+@pytest.mark.parametrize("impl", ["ops", "reference"])
+def test_item_stats(benchmark, item_stats_inputs, device, impl):
+    fn = getattr(ops if impl == "ops" else reference, "item_stats")
+    if impl == "ops":
+        oracle = reference.item_stats(*(t.double() if t is not None else None for t in item_stats_inputs))
+        for name, got, expected in zip(("mean", "alpha", "sq_norm", "cross_quad"), fn(*item_stats_inputs), oracle):
+            assert_close_to_oracle(f"item_stats {name}", got, expected)
+    run_timed(benchmark, lambda: fn(*item_stats_inputs), device, "candidate" if impl == "ops" else "baseline", impl,
+              "item_stats")
 
 
 # ---- (b) logit mean and variance for an N x M block --------------------------------------------
 def moments_oracle(
     img: EmbeddingDistribution,  # N items, kron form
     txt: EmbeddingDistribution,  # M items, kron form
-    variances: bool = True,  # False: per-dimension variances only (the "diag" approximation)
-) -> tuple[Tensor, Tensor]:  # mean [N, M], var [N, M], float64
-    """SPEC.md section 4 written out in float64 from each item's covariance, never through the GEMM tricks.
+    diag: bool = False,  # True: per-dimension variances only (the "diag" approximation)
+    rows: int = 256,  # oracle on the first rows only: float64 N x M x D is slow
+) -> tuple[Tensor, Tensor]:  # mean [rows, M], var [rows, M], float64
+    """SPEC.md section 4 in float64 from each item's covariance, never through the fused path.
 
     Kron form: S = alpha * shared, so mu_x^T S_y mu_x = alpha_y (mu_x^T By mu_x) and
     tr(S_x S_y) = alpha_x alpha_y tr(Bx By); "diag" replaces each shared matrix by its diagonal.
     """
-    mx, my = img.mean.double(), txt.mean.double()
-    ax, ay = img.alpha.double(), txt.alpha.double()
-    bx, by = img.shared.double(), txt.shared.double()
-    if not variances:
+    mx, my = img.mean[:rows].double().cpu(), txt.mean.double().cpu()
+    ax, ay = img.alpha[:rows].double().cpu(), txt.alpha.double().cpu()
+    bx, by = img.shared.double().cpu(), txt.shared.double().cpu()
+    if diag:
         bx, by = torch.diag(torch.diagonal(bx)), torch.diag(torch.diagonal(by))
     quad_x = torch.einsum("nd,de,ne->n", mx, by, mx)  # [N] mu_x^T By mu_x
     quad_y = torch.einsum("md,de,me->m", my, bx, my)  # [M]
@@ -99,34 +128,117 @@ def moments_oracle(
     return scale * (mx @ my.T) / norms.sqrt(), scale**2 * dot_var / norms
 
 
-@pytest.mark.benchmark(group=MOMENTS_GROUP)
+@pytest.mark.benchmark
+@pytest.mark.parametrize("dtype", bench_dtypes(), ids=str)
 @pytest.mark.parametrize("variant", ["kron", "diag"])
-def test_cosine_moments(benchmark, moments_inputs, device, variant):
-    img, txt = moments_inputs
+def test_cosine_moments(benchmark, moments_inputs, device, variant, dtype):
+    benchmark.group = group_name("moments", dtype)
+    img, txt = (with_mean_dtype(d, dtype) for d in moments_inputs)
     mean, var = cosine_moments(img, txt, logit_scale=LOGIT_SCALE, variant=variant)
-    oracle_mean, oracle_var = moments_oracle(img, txt, variances=variant == "kron")
-    assert_close_to_oracle(f"cosine_moments {variant}: mean", mean, oracle_mean)
-    assert_close_to_oracle(f"cosine_moments {variant}: var", var, oracle_var)
+    oracle_mean, oracle_var = moments_oracle(img, txt, diag=variant == "diag")
+    assert_close_to_oracle(f"cosine_moments {variant}: mean", mean[:256].cpu(), oracle_mean)
+    assert_close_to_oracle(f"cosine_moments {variant}: var", var[:256].cpu(), oracle_var)
+    del mean, var
     run_timed(benchmark, lambda: cosine_moments(img, txt, logit_scale=LOGIT_SCALE, variant=variant), device,
-              "candidate", shape=MOMENTS_SHAPE)
+              "candidate", variant, "moments", dtype)
 
 
-@pytest.mark.benchmark(group=MOMENTS_GROUP)
-def test_cosine_moments_reference_diag(benchmark, moments_inputs, device):
+@pytest.mark.benchmark
+@pytest.mark.parametrize("dtype", bench_dtypes(), ids=str)
+def test_cosine_moments_kron_uncached(benchmark, moments_inputs, device, dtype):
+    """"kron" when neither side carries cached statistics: mu^T B_other mu is computed in the call."""
+    benchmark.group = group_name("moments", dtype)
+    img, txt = (EmbeddingDistribution(d.mean.to(dtype), d.form, alpha=d.alpha, shared=d.shared,
+                                      shared_eigvals=d.shared_eigvals, basis=d.basis) for d in moments_inputs)
+    run_timed(benchmark, lambda: cosine_moments(img, txt, logit_scale=LOGIT_SCALE, variant="kron"), device,
+              "candidate", "kron_uncached", "moments", dtype)
+
+
+@pytest.mark.benchmark
+@pytest.mark.parametrize("dtype", bench_dtypes(), ids=str)
+def test_cosine_moments_per_dimension(benchmark, moments_inputs, device, dtype):
+    """Per-dimension diagonal covariances (ProbVLM): the mean GEMM plus one GEMM of inner size 2D."""
+    benchmark.group = group_name("moments", dtype)
+    img, txt = (EmbeddingDistribution.diagonal(d.mean.to(dtype), d.diagonal_variance()) for d in moments_inputs)
+    mean, var = cosine_moments(img, txt, logit_scale=LOGIT_SCALE)
+    oracle_mean, oracle_var = moments_oracle(*moments_inputs, diag=True)
+    assert_close_to_oracle("cosine_moments per-dimension: var", var[:256].cpu(), oracle_var)
+    del mean, var
+    run_timed(benchmark, lambda: cosine_moments(img, txt, logit_scale=LOGIT_SCALE), device, "candidate",
+              "per_dimension", "moments", dtype)
+
+
+@pytest.mark.benchmark
+@pytest.mark.parametrize("dtype", bench_dtypes(), ids=str)
+def test_cosine_moments_reference_diag(benchmark, moments_inputs, device, dtype):
+    """The published formulation: per-dimension variances [N, D] and three N x M x D GEMMs."""
+    benchmark.group = group_name("moments", dtype)
     img, txt = moments_inputs
     var_img, var_txt = img.diagonal_variance(), txt.diagonal_variance()  # [N, D], [M, D], outside the timing
-    mean, var = reference.cosine_moments_diag(img.mean, var_img, txt.mean, var_txt, logit_scale=LOGIT_SCALE)
-    oracle_mean, oracle_var = moments_oracle(img, txt, variances=False)
-    assert_close_to_oracle("reference.cosine_moments_diag: mean", mean, oracle_mean)
-    assert_close_to_oracle("reference.cosine_moments_diag: var", var, oracle_var)
-    run_timed(benchmark, lambda: reference.cosine_moments_diag(img.mean, var_img, txt.mean, var_txt,
+    mean_img, mean_txt = img.mean.to(dtype), txt.mean.to(dtype)
+    run_timed(benchmark, lambda: reference.cosine_moments_diag(mean_img, var_img, mean_txt, var_txt,
                                                                logit_scale=LOGIT_SCALE),
-              device, "reference", shape=MOMENTS_SHAPE)
+              device, "reference", "reference_diag", "moments", dtype)
 
 
-@pytest.mark.benchmark(group=MOMENTS_GROUP)
-def test_cosine_similarity_mm(benchmark, moments_inputs, device):
+@pytest.mark.benchmark
+@pytest.mark.parametrize("dtype", bench_dtypes(), ids=str)
+def test_cosine_similarity_mm(benchmark, moments_inputs, device, dtype):
     """The deterministic model's cost: one GEMM of the means, the floor for any moment computation."""
-    img, txt = moments_inputs
-    assert_close_to_oracle("torch.mm", torch.mm(img.mean, txt.mean.T), img.mean.double() @ txt.mean.double().T)
-    run_timed(benchmark, lambda: torch.mm(img.mean, txt.mean.T), device, "baseline", shape=MOMENTS_SHAPE)
+    benchmark.group = group_name("moments", dtype)
+    img, txt = (d.mean.to(dtype) for d in moments_inputs)
+    run_timed(benchmark, lambda: torch.mm(img, txt.T), device, "baseline", "mm", "moments", dtype)
+
+
+@pytest.mark.benchmark
+@pytest.mark.parametrize("dtype", bench_dtypes(), ids=str)
+def test_write_both_outputs(benchmark, moments_inputs, device, dtype):
+    """A device copy of as many bytes as the two float32 [N, M] outputs: the memory-traffic floor."""
+    if device.type != "cuda":
+        pytest.skip("the output-write floor is a GPU target")
+    benchmark.group = group_name("moments", dtype)
+    n, m = len(moments_inputs[0]), len(moments_inputs[1])
+    source = torch.empty(2 * n * m, dtype=torch.float32, device=device)
+    target = torch.empty_like(source)
+    run_timed(benchmark, lambda: target.copy_(source), device, "floor", "write_outputs", "moments", dtype)
+
+
+# ---- (c) streaming top-k -------------------------------------------------------------------------------
+def chunked_mm_topk(queries: Tensor, gallery: Tensor, k: int) -> tuple[Tensor, Tensor]:  # [N, k] each
+    """What a user writes without this package: score the gallery in chunks, keep each chunk's top-k, merge."""
+    values, indices = [], []
+    for start in range(0, gallery.shape[0], TOPK_CHUNK):
+        v, i = torch.topk(queries @ gallery[start:start + TOPK_CHUNK].T, k, dim=1)
+        values.append(v)
+        indices.append(i + start)
+    v, j = torch.topk(torch.cat(values, dim=1), k, dim=1)
+    return v, torch.cat(indices, dim=1).gather(1, j)
+
+
+@pytest.mark.benchmark
+@pytest.mark.parametrize("dtype", bench_dtypes(), ids=str)
+@pytest.mark.parametrize("score", ["mean", "pessimistic", "probit"])
+def test_topk(benchmark, topk_inputs, device, score, dtype):
+    benchmark.group = group_name("topk", dtype)
+    queries, gallery = (with_mean_dtype(d, dtype) for d in topk_inputs)
+    k = shapes(device)["topk"]["k"]
+    values, indices, mean, var = topk(queries, gallery, k, score=score, logit_scale=LOGIT_SCALE)
+    # Check on the first queries against the dense moments of the same pairs (float64 oracle).
+    oracle_mean, oracle_var = moments_oracle(queries, gallery, rows=8)
+    key = {"mean": oracle_mean, "pessimistic": oracle_mean - oracle_var.sqrt(),
+           "probit": oracle_mean / torch.sqrt(1 + torch.pi / 8 * oracle_var)}[score]
+    best = key.topk(k, dim=1).values
+    assert_close_to_oracle(f"topk {score}: best scores", values[:8].cpu(),
+                           torch.sigmoid(best) if score == "probit" else best)
+    run_timed(benchmark, lambda: topk(queries, gallery, k, score=score, logit_scale=LOGIT_SCALE), device,
+              "candidate", f"topk_{score}", "topk", dtype)
+
+
+@pytest.mark.benchmark
+@pytest.mark.parametrize("dtype", bench_dtypes(), ids=str)
+def test_topk_chunked_mm_baseline(benchmark, topk_inputs, device, dtype):
+    benchmark.group = group_name("topk", dtype)
+    queries, gallery = (d.mean.to(dtype) for d in topk_inputs)
+    k = shapes(device)["topk"]["k"]
+    run_timed(benchmark, lambda: chunked_mm_topk(queries, gallery, k), device, "baseline", "chunked_mm_topk", "topk",
+              dtype)

@@ -1,0 +1,749 @@
+// CUDA pairwise logit moments and streaming top-k (SPEC.md sections 4 and 7; semantics in moments.h).
+//
+// pairwise_moments: one fused kernel. Each block computes 64 x 64 tiles of x . y^T with the block-tile
+// GEMM of gemm_tile.cuh (fp16/bf16: wmma tensor cores; fp32: tf32 wmma when torch's fp32 matmul
+// precision is tf32, CUDA-core FMA otherwise; fp64: CUDA-core FMA), then, with var features, the
+// tile of x_var . y_var^T (tf32 or FMA in the accumulation dtype).
+// Both land in shared memory, and the epilogue turns them, with the per-item stats, into mean,
+// variance and the requested first output, written as coalesced rows of the [N, M] outputs. Tiles
+// are walked in groups of kGroupRows query tiles (a 1-D grid, grid-stride over the tiles), so the
+// blocks resident at one time share a few x tiles and sweep y together through L2.
+//
+// topk_moments: the same tile pipeline, but the epilogue feeds sorted per-query lists instead of
+// writing pairs. Grid = (query tiles of 64) x (S gallery segments); each block walks its segment
+// tile by tile and keeps, per query row, the running top-k (key, index, mean, var) in shared
+// memory, sorted by (key desc, index asc). Warp w owns rows [16 w, 16 w + 16): a candidate enters
+// only when it ranks before the current k-th entry; the warp finds its place with ballots and
+// shifts the tail by one. The block writes its lists to scratch [N, S, k], and a merge kernel (one
+// warp per query, heads of the S sorted lists in registers) pops the k best with the same order.
+// The key is the score, except for probit: t = mean / sqrt(1 + pi/8 var) ranks, and the value
+// returned is sigmoid(t). S fills about kWaves waves of the GPU, keeping segments >= 4 tiles
+// and >= 4 k items; extra memory N * S * k * (3 sizeof(acc) + 4) bytes.
+// The fused path takes k <= kMaxFusedK = 128 when the lists, 64 k (3 sizeof(acc) + 4) bytes, fit
+// the device's shared memory (fp32: always on sm_80/sm_90; fp64: k <= 90 on H100, 54 on A100).
+// Larger k streams through pairwise chunks of the gallery and a stable ATen sort instead
+// (topk_streaming_fallback).
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sort.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+
+#include "../moments.h"
+#include "gemm_tile.cuh"
+
+namespace bayesvlm_ext {
+namespace {
+
+using gemm_tile::kAccLd;
+using gemm_tile::kThreads;
+using gemm_tile::kTile;
+using gemm_tile::kWarps;
+
+constexpr int kGroupRows = 16;       // query tiles per group of the pairwise tile order
+constexpr int kMaxFusedK = 128;      // largest k of the shared-memory top-k lists
+constexpr int kMaxSegments = 256;    // gallery segments per query tile (merge: 8 list heads per lane)
+constexpr int kWaves = 3;            // top-k grid: about this many waves of resident blocks
+constexpr int kRowsPerWarp = kTile / kWarps;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---- per-variant shared memory -----------------------------------------------------------------
+
+struct NoVarMath {  // tag: no var features, the variance comes from the Kronecker closed form
+  using smem_t = char;
+  static constexpr int kOperandElems = 0;
+};
+template <class VarMath>
+constexpr bool kHasVar = !std::is_same_v<VarMath, NoVarMath>;
+
+// [dot tile acc_t [64][kAccLd]] [staging of the running GEMM, reused for the var tile afterwards]
+template <typename acc_t, class MainMath, class VarMath>
+struct TileSmem {
+  static constexpr size_t kAccTileBytes = sizeof(acc_t) * kTile * kAccLd;
+  static constexpr size_t kMainStaging = 2 * sizeof(typename MainMath::smem_t) * MainMath::kOperandElems;
+  static constexpr size_t kVarStaging = 2 * sizeof(typename VarMath::smem_t) * VarMath::kOperandElems;
+  static constexpr size_t kVarRegion = kHasVar<VarMath> ? std::max(kVarStaging, kAccTileBytes) : 0;
+  static constexpr size_t kBytes = kAccTileBytes + std::max(kMainStaging, kVarRegion);
+  static_assert(kAccTileBytes % 128 == 0 && kBytes % 16 == 0);
+};
+
+// ---- epilogue math -------------------------------------------------------------------------------
+
+template <typename acc_t>
+__device__ inline acc_t dev_sqrt(acc_t v) {
+  if constexpr (std::is_same_v<acc_t, float>) return sqrtf(v); else return sqrt(v);
+}
+
+template <typename acc_t>
+__device__ inline acc_t sigmoid(acc_t t) {
+  if constexpr (std::is_same_v<acc_t, float>) return 1.0f / (1.0f + expf(-t)); else return 1.0 / (1.0 + exp(-t));
+}
+
+template <typename acc_t>
+__device__ inline acc_t probit_logit(acc_t mean, acc_t var) {
+  return mean / dev_sqrt(acc_t(1) + static_cast<acc_t>(kPiOver8) * var);
+}
+
+template <typename acc_t>
+struct Stats {
+  acc_t inv_norm, alpha, quad;
+};
+
+template <typename acc_t>
+__device__ inline Stats<acc_t> load_stats(const void* stats, int64_t row) {  // stats: [rows, 3]
+  const acc_t* s = static_cast<const acc_t*>(stats) + row * kNumStats;
+  return {s[kStatInvNorm], s[kStatAlpha], s[kStatQuad]};
+}
+
+// Mean and variance of logit (i, j) from the result tiles and the stats (moments.h).
+template <typename acc_t, bool kWithVar>
+struct MomentsEpilogue {
+  const acc_t* dot;      // [64][kAccLd] x . y
+  const acc_t* var_dot;  // [64][kAccLd] x_var . y_var (kWithVar only)
+  acc_t scale, bias, trace_cross;
+
+  __device__ MomentsEpilogue(const PairwiseParams& in, const unsigned char* smem, size_t var_tile_offset)
+      : dot(reinterpret_cast<const acc_t*>(smem)),
+        var_dot(reinterpret_cast<const acc_t*>(smem + var_tile_offset)),
+        scale(static_cast<acc_t>(in.scale)),
+        bias(static_cast<acc_t>(in.bias)),
+        trace_cross(static_cast<acc_t>(in.trace_cross)) {}
+
+  __device__ void operator()(int r, int c, const Stats<acc_t>& x, const Stats<acc_t>& y, acc_t& mean,
+                             acc_t& var) const {
+    const acc_t cos_scale = x.inv_norm * y.inv_norm;
+    acc_t dot_var;
+    if constexpr (kWithVar) {
+      dot_var = var_dot[r * kAccLd + c];
+    } else {
+      dot_var = y.alpha * x.quad + x.alpha * y.quad + trace_cross * x.alpha * y.alpha;
+    }
+    mean = scale * dot[r * kAccLd + c] * cos_scale + bias;
+    var = scale * scale * dot_var * cos_scale * cos_scale;
+  }
+};
+
+// The top-k ranking key (TopkScore); for probit the returned value is sigmoid(key).
+template <typename acc_t>
+__device__ inline acc_t topk_key(int64_t score, acc_t kappa, acc_t mean, acc_t var) {
+  switch (static_cast<TopkScore>(score)) {
+    case TopkScore::kMean: return mean;
+    case TopkScore::kPessimistic: return mean - kappa * dev_sqrt(var);
+    case TopkScore::kOptimistic: return mean + kappa * dev_sqrt(var);
+    default: return probit_logit(mean, var);
+  }
+}
+
+template <typename acc_t>
+__device__ inline acc_t negative_infinity() {
+  return -static_cast<acc_t>(INFINITY);  // numeric_limits would need --expt-relaxed-constexpr here
+}
+
+// The top-k order: key descending, then index ascending. Index -1 marks padding; as unsigned it is
+// the largest index, so padding ranks after every real candidate of the same key.
+template <typename acc_t>
+__device__ inline bool ranks_before(acc_t key_a, int32_t index_a, acc_t key_b, int32_t index_b) {
+  return key_a > key_b || (key_a == key_b && static_cast<uint32_t>(index_a) < static_cast<uint32_t>(index_b));
+}
+
+// ---- one fused tile --------------------------------------------------------------------------------
+
+template <typename scalar_t>
+struct PairOperands {
+  using acc_t = at::opmath_type<scalar_t>;
+  gemm_tile::Operand<scalar_t> x, y;      // [n, d], [m, d]
+  gemm_tile::Operand<acc_t> x_var, y_var;  // [n, k_var], [m, k_var] (unused without var features)
+  __device__ explicit PairOperands(const PairwiseParams& in)
+      : x(gemm_tile::make_operand<scalar_t>(in.x, in.n, in.d, in.x_row_stride, in.x_col_stride)),
+        y(gemm_tile::make_operand<scalar_t>(in.y, in.m, in.d, in.y_row_stride, in.y_col_stride)),
+        x_var(gemm_tile::make_operand<acc_t>(in.x_var, in.n, in.k_var, in.k_var, 1)),
+        y_var(gemm_tile::make_operand<acc_t>(in.y_var, in.m, in.k_var, in.k_var, 1)) {}
+};
+
+// Leaves dot[r][c] = x[n0 + r] . y[m0 + c] at smem and, with var features,
+// x_var[n0 + r] . y_var[m0 + c] right after it (TileSmem), both acc_t [64][kAccLd]; ends with a
+// barrier. The caller must not read the previous tile's results any more (a barrier after them).
+template <typename scalar_t, class MainMath, class VarMath>
+__device__ void compute_tile(const PairOperands<scalar_t>& ops, int64_t n0, int64_t m0, unsigned char* smem) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Layout = TileSmem<acc_t, MainMath, VarMath>;
+  unsigned char* staging = smem + Layout::kAccTileBytes;  // never overlaps the dot tile
+  {
+    typename MainMath::Acc acc;
+    auto* slab = reinterpret_cast<typename MainMath::smem_t*>(staging);
+    gemm_tile::gemm_tile<MainMath>(acc, ops.x, n0, ops.y, m0, slab, slab + MainMath::kOperandElems);
+    MainMath::store(acc, reinterpret_cast<acc_t*>(smem));
+  }
+  if constexpr (kHasVar<VarMath>) {
+    // The main GEMM ended with a barrier (or never touched the staging): it is free again.
+    typename VarMath::Acc acc;
+    auto* slab = reinterpret_cast<typename VarMath::smem_t*>(staging);
+    gemm_tile::gemm_tile<VarMath>(acc, ops.x_var, n0, ops.y_var, m0, slab, slab + VarMath::kOperandElems);
+    VarMath::store(acc, reinterpret_cast<acc_t*>(staging));
+  }
+  __syncthreads();
+}
+
+// ---- pairwise_moments --------------------------------------------------------------------------------
+
+template <int kOutput, typename acc_t>
+__device__ inline acc_t first_output(acc_t mean, acc_t var) {
+  if constexpr (kOutput == static_cast<int>(MomentsOutput::kMean)) {
+    return mean;
+  } else if constexpr (kOutput == static_cast<int>(MomentsOutput::kProbitLogit)) {
+    return probit_logit(mean, var);
+  } else {
+    return sigmoid(probit_logit(mean, var));
+  }
+}
+
+// Tensor-core variants fit 128 registers (sm_80 with a tf32 var GEMM: a 12-byte spill): ask for 4
+// resident blocks per SM. The CUDA-core tiles need more (fp64: ~240), so they get no minimum.
+template <class MainMath>
+constexpr int kMinBlocks = std::is_same_v<MainMath, gemm_tile::SimtMath<float>> ||
+                                   std::is_same_v<MainMath, gemm_tile::SimtMath<double>>
+                               ? 1
+                               : 4;
+
+template <typename scalar_t, class MainMath, class VarMath, int kOutput>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<MainMath>)
+    pairwise_moments_kernel(PairwiseMomentsParams params) {
+#ifdef BAYESVLM_EXT_HAS_WMMA
+  using acc_t = at::opmath_type<scalar_t>;
+  using Layout = TileSmem<acc_t, MainMath, VarMath>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const PairwiseParams& in = params.in;
+  const PairOperands<scalar_t> ops(in);
+  const MomentsEpilogue<acc_t, kHasVar<VarMath>> epilogue(in, smem, Layout::kAccTileBytes);
+  auto* out_first = static_cast<acc_t*>(params.out_first);  // [n, m]
+  auto* out_var = static_cast<acc_t*>(params.out_var);      // [n, m]
+
+  const int64_t n_tiles = ceil_div(in.n, kTile), m_tiles = ceil_div(in.m, kTile);
+  for (int64_t tile = blockIdx.x; tile < n_tiles * m_tiles; tile += gridDim.x) {
+    // Groups of kGroupRows query tiles, each group walked column of tiles by column of tiles.
+    const int64_t group = tile / (kGroupRows * m_tiles);
+    const int64_t first_row = group * kGroupRows;
+    const int64_t group_rows = min(static_cast<int64_t>(kGroupRows), n_tiles - first_row);
+    const int64_t in_group = tile - group * kGroupRows * m_tiles;
+    const int64_t n0 = (first_row + in_group % group_rows) * kTile;
+    const int64_t m0 = (in_group / group_rows) * kTile;
+
+    compute_tile<scalar_t, MainMath, VarMath>(ops, n0, m0, smem);
+
+    // Thread t writes column t % 64 of rows t / 64, t / 64 + 2, ...: each warp stores 32 consecutive outputs.
+    const int c = threadIdx.x % kTile;
+    const int64_t j = m0 + c;
+    if (j < in.m) {
+      const Stats<acc_t> ys = load_stats<acc_t>(in.y_stats, j);
+      for (int r = threadIdx.x / kTile; r < kTile && n0 + r < in.n; r += kThreads / kTile) {
+        const int64_t i = n0 + r;
+        acc_t mean, var;
+        epilogue(r, c, load_stats<acc_t>(in.x_stats, i), ys, mean, var);
+        out_first[i * in.m + j] = first_output<kOutput>(mean, var);
+        out_var[i * in.m + j] = var;
+      }
+    }
+    __syncthreads();  // the tiles are read before the next compute_tile overwrites them
+  }
+#else
+  __trap();
+#endif
+}
+
+// ---- topk_moments ----------------------------------------------------------------------------------------
+
+// Per-segment candidates, each [n, segments, k]: rows of k sorted entries, padded with (-inf, -1).
+struct TopkScratch {
+  void* key;
+  int32_t* index;
+  void* mean;
+  void* var;
+  int64_t segments, tiles_per_segment;
+};
+
+// One query row's sorted list in shared memory (k entries of each field).
+template <typename acc_t>
+struct RowList {
+  acc_t* key;
+  acc_t* mean;
+  acc_t* var;
+  int32_t* index;
+};
+
+// Offers each lane's candidate (where `offer`) to the warp's sorted list of length k, one lane at a
+// time. Every lane reads the list after the same __syncwarp(), so all decisions are warp-uniform.
+template <typename acc_t>
+__device__ void offer_candidates(bool offer, acc_t key, int32_t index, acc_t mean, acc_t var,
+                                 const RowList<acc_t>& list, int k, int lane) {
+  unsigned pending = __ballot_sync(kFullMask, offer && ranks_before(key, index, list.key[k - 1], list.index[k - 1]));
+  while (pending != 0) {
+    const int src = __ffs(pending) - 1;
+    pending &= pending - 1;
+    const acc_t c_key = __shfl_sync(kFullMask, key, src);
+    const int32_t c_index = __shfl_sync(kFullMask, index, src);
+    const acc_t c_mean = __shfl_sync(kFullMask, mean, src);
+    const acc_t c_var = __shfl_sync(kFullMask, var, src);
+    if (!ranks_before(c_key, c_index, list.key[k - 1], list.index[k - 1])) continue;  // list improved meanwhile
+    // Its place: the number of entries that rank before it (a prefix of the sorted list).
+    int pos = 0;
+    for (int base = 0; base < k; base += 32) {
+      const int q = base + lane;
+      pos += __popc(__ballot_sync(kFullMask, q < k && ranks_before(list.key[q], list.index[q], c_key, c_index)));
+    }
+    // Entries [pos, k - 2] move to [pos + 1, k - 1]: all reads before any write.
+    constexpr int kPerLane = kMaxFusedK / 32;
+    acc_t keys[kPerLane], means[kPerLane], vars[kPerLane];
+    int32_t indices[kPerLane];
+#pragma unroll
+    for (int t = 0; t < kPerLane; ++t) {
+      const int q = pos + 1 + lane + 32 * t;
+      if (q < k) {
+        keys[t] = list.key[q - 1], means[t] = list.mean[q - 1], vars[t] = list.var[q - 1];
+        indices[t] = list.index[q - 1];
+      }
+    }
+    __syncwarp();
+#pragma unroll
+    for (int t = 0; t < kPerLane; ++t) {
+      const int q = pos + 1 + lane + 32 * t;
+      if (q < k) {
+        list.key[q] = keys[t], list.mean[q] = means[t], list.var[q] = vars[t];
+        list.index[q] = indices[t];
+      }
+    }
+    if (lane == 0) {
+      list.key[pos] = c_key, list.mean[pos] = c_mean, list.var[pos] = c_var;
+      list.index[pos] = c_index;
+    }
+    __syncwarp();
+  }
+}
+
+template <typename acc_t, class MainMath, class VarMath>
+constexpr size_t topk_smem_bytes(int64_t k) {
+  return TileSmem<acc_t, MainMath, VarMath>::kBytes +
+         static_cast<size_t>(kTile) * static_cast<size_t>(k) * (3 * sizeof(acc_t) + sizeof(int32_t));
+}
+
+// Block (q, s): queries [64 q, 64 q + 64) against gallery tiles [s tps, (s + 1) tps) of segment s.
+template <typename scalar_t, class MainMath, class VarMath>
+__global__ void __launch_bounds__(kThreads) topk_segment_kernel(TopkParams params, TopkScratch scratch) {
+#ifdef BAYESVLM_EXT_HAS_WMMA
+  using acc_t = at::opmath_type<scalar_t>;
+  using Layout = TileSmem<acc_t, MainMath, VarMath>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const PairwiseParams& in = params.in;
+  const PairOperands<scalar_t> ops(in);
+  const MomentsEpilogue<acc_t, kHasVar<VarMath>> epilogue(in, smem, Layout::kAccTileBytes);
+  const acc_t kappa = static_cast<acc_t>(params.kappa);
+  const int k = static_cast<int>(params.k);
+  // The lists, after the tiles: key, mean, var [64][k] acc_t, then index [64][k] int32.
+  auto* list_key = reinterpret_cast<acc_t*>(smem + Layout::kBytes);
+  auto* list_index = reinterpret_cast<int32_t*>(list_key + 3 * kTile * k);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const auto row_list = [&](int r) {
+    return RowList<acc_t>{list_key + r * k, list_key + (kTile + r) * k, list_key + (2 * kTile + r) * k,
+                          list_index + r * k};
+  };
+
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int64_t segment = blockIdx.y;
+  const int64_t tile_begin = segment * scratch.tiles_per_segment;
+  const int64_t tile_end = min(ceil_div(in.m, kTile), tile_begin + scratch.tiles_per_segment);
+
+  // Each warp initialises and then alone touches its own rows' lists.
+  for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+    const RowList<acc_t> list = row_list(warp * kRowsPerWarp + rr);
+    for (int q = lane; q < k; q += 32) {
+      list.key[q] = negative_infinity<acc_t>();
+      list.mean[q] = acc_t(0);
+      list.var[q] = acc_t(0);
+      list.index[q] = -1;
+    }
+  }
+  __syncwarp();
+
+  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    const int64_t m0 = tile * kTile;
+    compute_tile<scalar_t, MainMath, VarMath>(ops, n0, m0, smem);
+
+    // Lane l scores columns l and l + 32 of the tile for each of its warp's rows.
+    bool column_ok[2];
+    Stats<acc_t> ys[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t j = m0 + lane + 32 * h;
+      column_ok[h] = j < in.m;
+      ys[h] = column_ok[h] ? load_stats<acc_t>(in.y_stats, j) : Stats<acc_t>{acc_t(0), acc_t(0), acc_t(0)};
+    }
+    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+      const int r = warp * kRowsPerWarp + rr;
+      if (n0 + r >= in.n) break;  // warp-uniform
+      const Stats<acc_t> xs = load_stats<acc_t>(in.x_stats, n0 + r);
+      const RowList<acc_t> list = row_list(r);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int c = lane + 32 * h;
+        acc_t mean = acc_t(0), var = acc_t(0), key = acc_t(0);
+        if (column_ok[h]) {
+          epilogue(r, c, xs, ys[h], mean, var);
+          key = topk_key(params.score, kappa, mean, var);
+        }
+        offer_candidates(column_ok[h], key, static_cast<int32_t>(m0 + c), mean, var, list, k, lane);
+      }
+    }
+    __syncthreads();  // the tiles are read before the next compute_tile overwrites them
+  }
+
+  for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+    const int r = warp * kRowsPerWarp + rr;
+    const int64_t i = n0 + r;
+    if (i >= in.n) break;
+    const RowList<acc_t> list = row_list(r);
+    const int64_t base = (i * scratch.segments + segment) * k;
+    for (int q = lane; q < k; q += 32) {
+      static_cast<acc_t*>(scratch.key)[base + q] = list.key[q];
+      static_cast<acc_t*>(scratch.mean)[base + q] = list.mean[q];
+      static_cast<acc_t*>(scratch.var)[base + q] = list.var[q];
+      scratch.index[base + q] = list.index[q];
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
+// One warp per query: lane l holds the heads of segments l, l + 32, ... and each of the k rounds pops
+// the best head of the warp (ties between padding heads go to the lower lane).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) topk_merge_kernel(TopkParams params, TopkScratch scratch) {
+  constexpr int kSlots = kMaxSegments / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (i >= params.in.n) return;  // whole warps leave; no block barrier follows
+  const int64_t k = params.k, segments = scratch.segments;
+  const int64_t row = i * segments * k;
+  const auto* cand_key = static_cast<const acc_t*>(scratch.key) + row;  // [segments, k]
+  const int32_t* cand_index = scratch.index + row;
+  const auto* cand_mean = static_cast<const acc_t*>(scratch.mean) + row;
+  const auto* cand_var = static_cast<const acc_t*>(scratch.var) + row;
+
+  int64_t head[kSlots] = {};  // next unread entry of each held segment
+  acc_t head_key[kSlots];
+  int32_t head_index[kSlots];
+  const auto load_head = [&](int t) {
+    const int64_t s = lane + 32 * t;
+    const bool real = s < segments && head[t] < k;
+    head_key[t] = real ? cand_key[s * k + head[t]] : negative_infinity<acc_t>();
+    head_index[t] = real ? cand_index[s * k + head[t]] : -1;
+  };
+#pragma unroll
+  for (int t = 0; t < kSlots; ++t) load_head(t);
+
+  for (int64_t round = 0; round < k; ++round) {
+    int best = 0;
+    acc_t win_key = head_key[0];
+    int32_t win_index = head_index[0];
+#pragma unroll
+    for (int t = 1; t < kSlots; ++t) {
+      if (ranks_before(head_key[t], head_index[t], win_key, win_index)) {
+        best = t, win_key = head_key[t], win_index = head_index[t];
+      }
+    }
+    int win_lane = lane;
+    for (int offset = 16; offset > 0; offset /= 2) {
+      const acc_t o_key = __shfl_xor_sync(kFullMask, win_key, offset);
+      const int32_t o_index = __shfl_xor_sync(kFullMask, win_index, offset);
+      const int o_lane = __shfl_xor_sync(kFullMask, win_lane, offset);
+      if (ranks_before(o_key, o_index, win_key, win_index) ||
+          (o_key == win_key && o_index == win_index && o_lane < win_lane)) {
+        win_key = o_key, win_index = o_index, win_lane = o_lane;
+      }
+    }
+    if (lane == win_lane) {
+#pragma unroll
+      for (int t = 0; t < kSlots; ++t) {
+        if (t != best) continue;
+        const int64_t s = lane + 32 * t;
+        const int64_t out = i * k + round;
+        if (s < segments && head[t] < k) {  // always: the k <= M real candidates outnumber the rounds
+          const int64_t src = s * k + head[t];
+          const acc_t key = cand_key[src];
+          static_cast<acc_t*>(params.values)[out] =
+              params.score == static_cast<int64_t>(TopkScore::kProbit) ? sigmoid(key) : key;
+          params.indices[out] = cand_index[src];
+          static_cast<acc_t*>(params.mean)[out] = cand_mean[src];
+          static_cast<acc_t*>(params.var)[out] = cand_var[src];
+        }
+        ++head[t];
+        load_head(t);
+      }
+    }
+  }
+}
+
+// ---- host ------------------------------------------------------------------------------------------------
+
+int device_attribute(cudaDeviceAttr attribute, int device) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
+  return value;
+}
+
+// Calls f(MainMath{}, VarMath{}) with the GEMM policies of this input dtype, var features and tf32 setting.
+template <typename scalar_t, typename F>
+void dispatch_math(bool tf32, bool has_var, F&& f) {
+  using gemm_tile::SimtMath;
+  using gemm_tile::Tf32Math;
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    if (has_var) f(SimtMath<double>{}, SimtMath<double>{}); else f(SimtMath<double>{}, NoVarMath{});
+  } else if constexpr (std::is_same_v<scalar_t, float>) {
+    if (tf32) {
+      if (has_var) f(Tf32Math{}, Tf32Math{}); else f(Tf32Math{}, NoVarMath{});
+    } else {
+      if (has_var) f(SimtMath<float>{}, SimtMath<float>{}); else f(SimtMath<float>{}, NoVarMath{});
+    }
+  } else {
+    using MainMath = gemm_tile::Wmma16Math<scalar_t>;
+    if (!has_var) f(MainMath{}, NoVarMath{});
+    else if (tf32) f(MainMath{}, Tf32Math{});
+    else f(MainMath{}, SimtMath<float>{});
+  }
+}
+
+template <typename Kernel>
+void allow_dynamic_smem(Kernel kernel, size_t bytes) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+// TF32 for fp32 data (the main GEMM of fp32 input, every var-feature GEMM) follows torch's fp32 matmul
+// setting, read the way torch 2.15's own cuBLAS path reads it (allowTF32CuBLAS() raises as "a mix of
+// the legacy and new APIs" once torch.backends.cuda.matmul.fp32_precision = "tf32" was set).
+bool use_tf32() {
+  return !at::NoTF32Guard::should_disable_tf32() &&
+         at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+             at::Float32Precision::TF32;
+}
+
+void check_device(const char* op, int device) {
+  const int major = device_attribute(cudaDevAttrComputeCapabilityMajor, device);
+  TORCH_CHECK(major >= 8, op, ": the CUDA kernels need compute capability 8.0 or newer, got ", major, ".x");
+}
+
+// Launches the fused pairwise kernel; the caller has checked and filled the parameters (n, m > 0).
+void launch_pairwise_moments(const PairwiseMomentsParams& params, c10::ScalarType dtype, bool has_var,
+                             cudaStream_t stream) {
+  const int64_t tiles = ceil_div(params.in.n, kTile) * ceil_div(params.in.m, kTile);
+  const auto blocks = static_cast<unsigned>(std::min<int64_t>(tiles, std::numeric_limits<int32_t>::max()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pairwise_moments_cuda", [&] {
+    dispatch_math<scalar_t>(use_tf32(), has_var, [&](auto main_math, auto var_math) {
+      using MainMath = decltype(main_math);
+      using VarMath = decltype(var_math);
+      const size_t smem = TileSmem<at::opmath_type<scalar_t>, MainMath, VarMath>::kBytes;
+      const auto launch = [&](auto kernel) {
+        allow_dynamic_smem(kernel, smem);
+        kernel<<<blocks, kThreads, smem, stream>>>(params);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      switch (static_cast<MomentsOutput>(params.output)) {
+        case MomentsOutput::kMean: launch(pairwise_moments_kernel<scalar_t, MainMath, VarMath, 0>); break;
+        case MomentsOutput::kProbitLogit: launch(pairwise_moments_kernel<scalar_t, MainMath, VarMath, 1>); break;
+        default: launch(pairwise_moments_kernel<scalar_t, MainMath, VarMath, 2>); break;
+      }
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> pairwise_moments_cuda(const at::Tensor& x,        // [N, D]
+                                                         const at::Tensor& y,        // [M, D]
+                                                         const at::Tensor& x_stats,  // [N, 3]
+                                                         const at::Tensor& y_stats,  // [M, 3]
+                                                         const std::optional<at::Tensor>& x_var,  // [N, K]
+                                                         const std::optional<at::Tensor>& y_var,  // [M, K]
+                                                         double scale, double bias, double trace_cross,
+                                                         int64_t output) {
+  check_pairwise_inputs("pairwise_moments", x, y, x_stats, y_stats, x_var, y_var);
+  check_moments_output(output);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const int64_t n = x.size(0), m = y.size(0);
+  const auto acc_options = x.options().dtype(moments_acc_dtype(x.scalar_type()));
+  at::Tensor first = at::empty({n, m}, acc_options);  // [N, M]
+  at::Tensor var = at::empty({n, m}, acc_options);    // [N, M]
+  if (n == 0 || m == 0) return {first, var};
+  check_device("pairwise_moments", x.device().index());
+  const at::Tensor xs = x_stats.contiguous(), ys = y_stats.contiguous();
+  at::Tensor xv, yv;
+  if (x_var.has_value()) xv = x_var->contiguous(), yv = y_var->contiguous();
+  const PairwiseMomentsParams params{
+      make_pairwise_params(x, y, xs, ys, xv.defined() ? &xv : nullptr, yv.defined() ? &yv : nullptr, scale, bias,
+                           trace_cross),
+      output, first.mutable_data_ptr(), var.mutable_data_ptr()};
+  launch_pairwise_moments(params, x.scalar_type(), xv.defined(), c10::cuda::getCurrentCUDAStream());
+  return {first, var};
+}
+
+// Runs the fused top-k if its lists fit the device's shared memory; returns whether it ran.
+template <typename scalar_t, class MainMath, class VarMath>
+bool launch_topk_fused(const TopkParams& params, const at::TensorOptions& acc_options, int device,
+                       cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const size_t smem = topk_smem_bytes<acc_t, MainMath, VarMath>(params.k);
+  if (smem > static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device))) return false;
+  const auto kernel = topk_segment_kernel<scalar_t, MainMath, VarMath>;
+  allow_dynamic_smem(kernel, smem);
+  int blocks_per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kThreads, smem));
+  const int64_t resident = static_cast<int64_t>(std::max(blocks_per_sm, 1)) *
+                           device_attribute(cudaDevAttrMultiProcessorCount, device);
+
+  const int64_t n = params.in.n, k = params.k;
+  const int64_t query_tiles = ceil_div(n, kTile), gallery_tiles = ceil_div(params.in.m, kTile);
+  const int64_t min_segment_tiles = std::max<int64_t>(4, ceil_div(4 * k, kTile));
+  const int64_t max_segments =
+      std::clamp<int64_t>(gallery_tiles / min_segment_tiles, 1, kMaxSegments);
+  const int64_t wanted = std::clamp<int64_t>(ceil_div(kWaves * resident, query_tiles), 1, max_segments);
+  const int64_t tiles_per_segment = ceil_div(gallery_tiles, wanted);
+  const int64_t segments = ceil_div(gallery_tiles, tiles_per_segment);  // none left empty
+  TORCH_CHECK(query_tiles <= std::numeric_limits<int32_t>::max(), "topk_moments: too many queries for one launch");
+
+  at::Tensor key = at::empty({n, segments, k}, acc_options);  // [N, S, k] each
+  at::Tensor index = at::empty({n, segments, k}, acc_options.dtype(at::kInt));
+  at::Tensor mean = at::empty({n, segments, k}, acc_options);
+  at::Tensor var = at::empty({n, segments, k}, acc_options);
+  const TopkScratch scratch{key.mutable_data_ptr(), index.mutable_data_ptr<int32_t>(), mean.mutable_data_ptr(),
+                            var.mutable_data_ptr(), segments, tiles_per_segment};
+  kernel<<<dim3(static_cast<unsigned>(query_tiles), static_cast<unsigned>(segments)), kThreads, smem, stream>>>(
+      params, scratch);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  topk_merge_kernel<acc_t><<<static_cast<unsigned>(ceil_div(n, kWarps)), kThreads, 0, stream>>>(params, scratch);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;  // the scratch tensors go back to the caching allocator in stream order
+}
+
+// The ranking key of topk_moments from mean and var, with ATen ops (fallback path).
+at::Tensor topk_key_aten(const at::Tensor& mean, const at::Tensor& var, int64_t score, double kappa) {
+  switch (static_cast<TopkScore>(score)) {
+    case TopkScore::kMean: return mean;
+    case TopkScore::kPessimistic: return mean.sub(var.sqrt(), kappa);
+    case TopkScore::kOptimistic: return mean.add(var.sqrt(), kappa);
+    default: return mean.div(var.mul(kPiOver8).add(1).sqrt());
+  }
+}
+
+// Top-k for k beyond the shared-memory lists, still streaming: the pairwise kernel fills an [N, chunk]
+// block of the gallery at a time, and a stable descending sort of [running top-k | chunk] keeps the
+// best k. Running candidates always have the lower indices, so the stable sort keeps ties by index.
+void topk_streaming_fallback(const at::Tensor& x, const at::Tensor& y, const at::Tensor& xs, const at::Tensor& ys,
+                             const at::Tensor& xv, const at::Tensor& yv, double scale, double bias,
+                             double trace_cross, int64_t k, int64_t score, double kappa, at::Tensor& values,
+                             at::Tensor& indices, at::Tensor& mean_out, at::Tensor& var_out, cudaStream_t stream) {
+  const int64_t n = x.size(0), m = y.size(0);
+  const int64_t chunk = std::clamp<int64_t>((int64_t{1} << 26) / n / kTile * kTile, 1024, 8192);
+  at::Tensor run_key, run_index, run_mean, run_var;  // [N, <= k], sorted
+  for (int64_t c0 = 0; c0 < m; c0 += chunk) {
+    const int64_t len = std::min(chunk, m - c0);
+    at::Tensor mean = at::empty({n, len}, values.options());  // [N, len]
+    at::Tensor var = at::empty({n, len}, values.options());
+    const at::Tensor y_chunk = y.narrow(0, c0, len), ys_chunk = ys.narrow(0, c0, len);
+    const at::Tensor yv_chunk = yv.defined() ? yv.narrow(0, c0, len) : at::Tensor();
+    const PairwiseMomentsParams params{
+        make_pairwise_params(x, y_chunk, xs, ys_chunk, xv.defined() ? &xv : nullptr,
+                             yv.defined() ? &yv_chunk : nullptr, scale, bias, trace_cross),
+        static_cast<int64_t>(MomentsOutput::kMean), mean.mutable_data_ptr(), var.mutable_data_ptr()};
+    launch_pairwise_moments(params, x.scalar_type(), xv.defined(), stream);
+    at::Tensor key = topk_key_aten(mean, var, score, kappa);
+    at::Tensor index = at::arange(c0, c0 + len, indices.options()).expand({n, len});
+    if (run_key.defined()) {
+      key = at::cat({run_key, key}, 1);
+      index = at::cat({run_index, index}, 1);
+      mean = at::cat({run_mean, mean}, 1);
+      var = at::cat({run_var, var}, 1);
+    }
+    auto [sorted, order] = at::sort(key, /*stable=*/true, /*dim=*/1, /*descending=*/true);
+    const int64_t keep = std::min(k, key.size(1));
+    order = order.narrow(1, 0, keep);
+    run_key = sorted.narrow(1, 0, keep);
+    run_index = index.gather(1, order);
+    run_mean = mean.gather(1, order);
+    run_var = var.gather(1, order);
+  }
+  values.copy_(score == static_cast<int64_t>(TopkScore::kProbit) ? run_key.sigmoid() : run_key);
+  indices.copy_(run_index);
+  mean_out.copy_(run_mean);
+  var_out.copy_(run_var);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_moments_cuda(
+    const at::Tensor& x,                      // [N, D]
+    const at::Tensor& y,                      // [M, D]
+    const at::Tensor& x_stats,                // [N, 3]
+    const at::Tensor& y_stats,                // [M, 3]
+    const std::optional<at::Tensor>& x_var,  // [N, K]
+    const std::optional<at::Tensor>& y_var,  // [M, K]
+    double scale, double bias, double trace_cross, int64_t k, int64_t score, double kappa) {
+  check_pairwise_inputs("topk_moments", x, y, x_stats, y_stats, x_var, y_var);
+  const int64_t n = x.size(0), m = y.size(0);
+  check_topk_args(k, m, score, kappa);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const auto acc_options = x.options().dtype(moments_acc_dtype(x.scalar_type()));
+  at::Tensor values = at::empty({n, k}, acc_options);                 // [N, k]
+  at::Tensor indices = at::empty({n, k}, x.options().dtype(at::kLong));  // [N, k]
+  at::Tensor mean = at::empty({n, k}, acc_options);                   // [N, k]
+  at::Tensor var = at::empty({n, k}, acc_options);                    // [N, k]
+  if (n == 0 || k == 0) return {values, indices, mean, var};
+  const int device = x.device().index();
+  check_device("topk_moments", device);
+  const at::Tensor xs = x_stats.contiguous(), ys = y_stats.contiguous();
+  at::Tensor xv, yv;
+  if (x_var.has_value()) xv = x_var->contiguous(), yv = y_var->contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  bool fused = false;
+  if (k <= kMaxFusedK && m <= std::numeric_limits<int32_t>::max()) {  // list indices are int32
+    const TopkParams params{make_pairwise_params(x, y, xs, ys, xv.defined() ? &xv : nullptr,
+                                                 yv.defined() ? &yv : nullptr, scale, bias, trace_cross),
+                            k,
+                            score,
+                            kappa,
+                            values.mutable_data_ptr(),
+                            indices.mutable_data_ptr<int64_t>(),
+                            mean.mutable_data_ptr(),
+                            var.mutable_data_ptr()};
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "topk_moments_cuda", [&] {
+      dispatch_math<scalar_t>(use_tf32(), xv.defined(), [&](auto main_math, auto var_math) {
+        fused = launch_topk_fused<scalar_t, decltype(main_math), decltype(var_math)>(params, acc_options, device,
+                                                                                     stream);
+      });
+    });
+  }
+  if (!fused) {
+    topk_streaming_fallback(x, y, xs, ys, xv, yv, scale, bias, trace_cross, k, score, kappa, values, indices, mean,
+                            var, stream);
+  }
+  return {values, indices, mean, var};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bayesvlm_ext, CUDA, m) {
+  m.impl("pairwise_moments", &pairwise_moments_cuda);
+  m.impl("topk_moments", &topk_moments_cuda);
+}
+
+}  // namespace bayesvlm_ext
