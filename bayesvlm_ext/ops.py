@@ -16,7 +16,7 @@ from . import reference
 from ._extension import backend, has_extension
 from ._validation import accumulation_dtype, check_tensor
 
-__all__ = ["kron_quadform", "item_stats", "pairwise_moments", "topk_moments"]
+__all__ = ["kron_quadform", "item_stats", "item_stats_exact", "pairwise_moments", "topk_moments"]
 
 
 def kron_quadform(
@@ -87,6 +87,33 @@ def item_stats(
     if _compiled("item_stats", phi.device, phi, weight, bias, residual, A_inv, B_cross):
         return torch.ops.bayesvlm_ext.item_stats(phi, weight, bias, residual, A_inv, B_cross)
     return reference.item_stats(phi, weight, bias, residual, A_inv, B_cross)
+
+
+def item_stats_exact(
+    phi: Tensor,  # [N, P] float16, bfloat16, float32 or float64; any strides
+    weight: Tensor,  # [D, P] accumulation dtype
+    bias: Tensor | None,  # [D]
+    residual: Tensor | None,  # [N, D]
+    Qa: Tensor,  # [p, p] eigenvectors of A, p = P (+ 1 with a bias: the constant 1 is the last feature)
+    K: Tensor,  # [p, D] 1 / (n a_i e_j + lambda)
+    B_cross: Tensor | None,  # [D, D] the other tower's shared matrix, or None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # mean [N, D], k [N, D], sq_norm [N], cross_quad [N] ([0] w/o B_cross)
+    """Per-item statistics of a tower with damping "exact" in one pass over phi (SPEC.md section 3):
+    k = (z * z) K with z = [phi, 1] Qa, never written out."""
+    check_tensor("phi", phi, dim=2)
+    acc, (n, p) = accumulation_dtype(phi.dtype), phi.shape
+    check_tensor("weight", weight, dim=2)
+    d = weight.shape[0]
+    _check_acc("weight", weight, acc, phi.device, (d, p), " ([D, P] with P of phi)")
+    _check_acc("bias", bias, acc, phi.device, (d,))
+    _check_acc("residual", residual, acc, phi.device, (n, d))
+    pa = p + (bias is not None)
+    _check_acc("Qa", Qa, acc, phi.device, (pa, pa), " (P + 1 with a bias)" if bias is not None else "")
+    _check_acc("K", K, acc, phi.device, (pa, d))
+    _check_acc("B_cross", B_cross, acc, phi.device, (d, d))
+    if _compiled("item_stats_exact", phi.device, phi, weight, bias, residual, Qa, K, B_cross):
+        return torch.ops.bayesvlm_ext.item_stats_exact(phi, weight, bias, residual, Qa, K, B_cross)
+    return reference.item_stats_exact(phi, weight, bias, residual, Qa, K, B_cross)
 
 
 def _check_pairwise(x, y, x_stats, y_stats, x_var, y_var) -> None:
@@ -166,6 +193,13 @@ if has_extension():
         acc = accumulation_dtype(phi.dtype)
         n, d = phi.shape[0], weight.shape[0]
         return (phi.new_empty((n, d), dtype=acc), phi.new_empty((n,), dtype=acc), phi.new_empty((n,), dtype=acc),
+                phi.new_empty((n if B_cross is not None else 0,), dtype=acc))
+
+    @torch.library.register_fake("bayesvlm_ext::item_stats_exact")
+    def _item_stats_exact_fake(phi, weight, bias, residual, Qa, K, B_cross):
+        acc = accumulation_dtype(phi.dtype)
+        n, d = phi.shape[0], weight.shape[0]
+        return (phi.new_empty((n, d), dtype=acc), phi.new_empty((n, d), dtype=acc), phi.new_empty((n,), dtype=acc),
                 phi.new_empty((n if B_cross is not None else 0,), dtype=acc))
 
     @torch.library.register_fake("bayesvlm_ext::pairwise_moments")

@@ -166,9 +166,7 @@ class KronPosterior:
                 t["B_inv"] = _symmetrised((qb / db) @ qb.T)
                 t["B_inv_eigvals"] = 1 / db
             else:
-                t["Qa_features"] = qa[:P].contiguous()
-                if self.bias is not None:
-                    t["Qa_const"] = qa[P]
+                t["Qa"] = qa  # [p, p], the bias row last
                 t["K"] = 1 / (da[:, None] * db[None, :] + self.prior_precision)  # [p, q]
             self._derived[key] = {name: v.to(device=device, dtype=dtype) for name, v in t.items()}
         return self._derived[key]
@@ -184,8 +182,8 @@ class KronPosterior:
 
         damping "kron" gives S_i = alpha_i B_d^-1 with alpha_i = phi_i^T A_d^-1 phi_i ("kron" form);
         "exact" gives S_i = Q_B diag(k_i) Q_B^T ("eigen" form). Computed in float32 (float64 for
-        float64 input); differentiable with respect to phi. With damping "kron" the mean, alpha and
-        ||mean||^2 come from one fused pass over phi (`ops.item_stats`); with `against` (the other
+        float64 input); differentiable with respect to phi. The mean, alpha (or k) and ||mean||^2 come
+        from one fused pass over phi (`ops.item_stats`, `ops.item_stats_exact`); with `against` (the other
         tower's posterior) that pass also caches mean^T B_other^-1 mean, so the result is ready to
         be scored as a gallery (`EmbeddingDistribution.precompute`).
         """
@@ -220,17 +218,11 @@ class KronPosterior:
                                          shared_eigvals=t["B_inv_eigvals"], basis=t["basis_B"], sq_norm=sq_norm,
                                          cross_quad=cross_quad if other_shared is not None else None,
                                          cross_shared=other_shared)
-        x = phi.to(dtype)
-        mean = x @ t["weight"].T
-        if self.bias is not None:
-            mean = mean + t["bias"]
-        if residual is not None:
-            mean = mean + residual
-        z = x @ t["Qa_features"]
-        if self.bias is not None:
-            z = z + t["Qa_const"]
-        dist = EmbeddingDistribution.eigen(mean, (z * z) @ t["K"], t["basis_B"])
-        return dist if against is None else dist.precompute(other_shared)
+        mean, k, sq_norm, cross_quad = ops.item_stats_exact(phi, t["weight"], t.get("bias"), residual, t["Qa"],
+                                                            t["K"], other_shared)
+        return EmbeddingDistribution(mean, CovarianceForm.EIGEN, k=k, basis=t["basis_B"], sq_norm=sq_norm,
+                                     cross_quad=cross_quad if other_shared is not None else None,
+                                     cross_shared=other_shared)
 
     # ---- evidence and the prior precision (SPEC.md section 2) --------------------------------------
     def _map_sq_norm(self) -> float:

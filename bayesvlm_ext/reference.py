@@ -18,8 +18,8 @@ from torch import Tensor
 
 from ._validation import accumulation_dtype
 
-__all__ = ["kron_quadform", "embedding_variance_diag", "cosine_moments_diag", "item_stats", "pairwise_moments",
-           "topk_moments"]
+__all__ = ["kron_quadform", "embedding_variance_diag", "cosine_moments_diag", "item_stats", "item_stats_exact",
+           "pairwise_moments", "topk_moments"]
 
 PI_OVER_8 = math.pi / 8
 STAT_COLUMNS = ("inv_norm", "alpha", "quad")  # the [rows, 3] per-item stats of the pairwise ops
@@ -85,6 +85,28 @@ def item_stats(
     alpha = ((x @ A_inv) * x).sum(-1)
     cross_quad = ((mean @ B_cross) * mean).sum(-1) if B_cross is not None else mean.new_empty(0)
     return mean, alpha, (mean * mean).sum(-1), cross_quad
+
+
+def item_stats_exact(
+    phi: Tensor,  # [N, P] any floating dtype
+    weight: Tensor,  # [D, P] accumulation dtype
+    bias: Tensor | None,  # [D]
+    residual: Tensor | None,  # [N, D]
+    Qa: Tensor,  # [p, p] eigenvectors of A, p = P (+ 1 with a bias)
+    K: Tensor,  # [p, D] 1 / (n a_i e_j + lambda)
+    B_cross: Tensor | None,  # [D, D]
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # mean [N, D], k [N, D], sq_norm [N], cross_quad [N] or [0]
+    """item_stats for damping "exact" (SPEC.md section 3): k = (z * z) K with z = [phi, 1] Qa."""
+    x = phi.to(Qa.dtype)
+    mean = x @ weight.T
+    if bias is not None:
+        mean = mean + bias
+        x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+    if residual is not None:
+        mean = mean + residual.to(mean.dtype)
+    z = x @ Qa
+    cross_quad = ((mean @ B_cross) * mean).sum(-1) if B_cross is not None else mean.new_empty(0)
+    return mean, (z * z) @ K, (mean * mean).sum(-1), cross_quad
 
 
 def _pair_logit_moments(x, y, x_stats, y_stats, x_var, y_var, scale, bias, trace_cross):

@@ -190,10 +190,28 @@ struct ItemStatsParams {
   int64_t n, p, d;
 };
 
+// item_stats_exact: as ItemStatsParams with, instead of A_inv, the exact-damping per-item variances
+//   k[i] = (z[i] * z[i]) K,  z[i] = [phi[i], 1] Qa   (the 1 only with a bias)            [N, D]
+struct ItemStatsExactParams {
+  const void* phi;  // [n, p] input dtype, strides in elements
+  int64_t phi_row_stride, phi_col_stride;
+  const void* weight;    // [d, p] contiguous, accumulation dtype
+  const void* bias;      // [d] or nullptr
+  const void* residual;  // [n, d] contiguous, or nullptr
+  const void* Qa;        // [p + has_bias, p + has_bias] contiguous
+  const void* K;         // [p + has_bias, d] contiguous
+  const void* B_cross;   // [d, d] contiguous, or nullptr
+  void* mean;            // [n, d] accumulation dtype
+  void* k;               // [n, d]
+  void* sq_norm;         // [n]
+  void* cross_quad;      // [n] or nullptr
+  int64_t n, p, d;
+};
+
 inline void check_item_stats_inputs(const at::Tensor& phi, const at::Tensor& weight,
                                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-                                    const at::Tensor& A_inv, const std::optional<at::Tensor>& B_cross) {
-  constexpr const char* op = "item_stats";
+                                    const at::Tensor& A_inv, const std::optional<at::Tensor>& B_cross,
+                                    const char* op = "item_stats", const char* a_name = "A_inv") {
   TORCH_CHECK_VALUE(phi.dim() == 2, op, ": argument 'phi' must be 2-D [N, P], got shape ", phi.sizes());
   TORCH_CHECK_VALUE(is_supported_float(phi.scalar_type()), op,
                     ": argument 'phi' must be float16, bfloat16, float32 or float64, got ", phi.scalar_type());
@@ -220,15 +238,35 @@ inline void check_item_stats_inputs(const at::Tensor& phi, const at::Tensor& wei
     check_acc("residual", *residual);
   }
   const int64_t pa = p + (bias.has_value() ? 1 : 0);
-  TORCH_CHECK_VALUE(A_inv.dim() == 2 && A_inv.size(0) == pa && A_inv.size(1) == pa, op, ": argument 'A_inv' must be [",
-                    pa, ", ", pa, "] (P", bias.has_value() ? " + 1 for the bias column" : "", "), got shape ",
-                    A_inv.sizes());
-  check_acc("A_inv", A_inv);
+  TORCH_CHECK_VALUE(A_inv.dim() == 2 && A_inv.size(0) == pa && A_inv.size(1) == pa, op, ": argument '", a_name,
+                    "' must be [", pa, ", ", pa, "] (P", bias.has_value() ? " + 1 for the bias column" : "",
+                    "), got shape ", A_inv.sizes());
+  check_acc(a_name, A_inv);
   if (B_cross.has_value()) {
     TORCH_CHECK_VALUE(B_cross->dim() == 2 && B_cross->size(0) == d && B_cross->size(1) == d, op,
                       ": argument 'B_cross' must be [", d, ", ", d, "], got shape ", B_cross->sizes());
     check_acc("B_cross", *B_cross);
   }
+}
+
+inline void check_item_stats_exact_inputs(const at::Tensor& phi, const at::Tensor& weight,
+                                          const std::optional<at::Tensor>& bias,
+                                          const std::optional<at::Tensor>& residual, const at::Tensor& Qa,
+                                          const at::Tensor& K, const std::optional<at::Tensor>& B_cross) {
+  constexpr const char* op = "item_stats_exact";
+  TORCH_CHECK_VALUE(phi.dim() == 2, op, ": argument 'phi' must be 2-D [N, P], got shape ", phi.sizes());
+  TORCH_CHECK_VALUE(is_supported_float(phi.scalar_type()), op,
+                    ": argument 'phi' must be float16, bfloat16, float32 or float64, got ", phi.scalar_type());
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": argument 'weight' must be 2-D [D, P], got shape ", weight.sizes());
+  const int64_t p = phi.size(1), d = weight.size(0), pa = p + (bias.has_value() ? 1 : 0);
+  TORCH_CHECK_VALUE(Qa.dim() == 2 && Qa.size(0) == pa && Qa.size(1) == pa, op, ": argument 'Qa' must be [", pa,
+                    ", ", pa, "], got shape ", Qa.sizes());
+  TORCH_CHECK_VALUE(K.dim() == 2 && K.size(0) == pa && K.size(1) == d, op, ": argument 'K' must be [", pa, ", ",
+                    d, "], got shape ", K.sizes());
+  TORCH_CHECK_VALUE(K.scalar_type() == Qa.scalar_type() && K.device() == phi.device(), op,
+                    ": argument 'K' must match Qa's dtype and phi's device");
+  // The rest is item_stats' contract, with Qa in the place of A_inv.
+  check_item_stats_inputs(phi, weight, bias, residual, Qa, B_cross, op, "Qa");
 }
 
 }  // namespace bayesvlm_ext

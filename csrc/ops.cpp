@@ -19,6 +19,13 @@ TORCH_LIBRARY(bayesvlm_ext, m) {
       "item_stats(Tensor phi, Tensor weight, Tensor? bias, Tensor? residual, Tensor A_inv, Tensor? B_cross) "
       "-> (Tensor mean, Tensor alpha, Tensor sq_norm, Tensor cross_quad)");
 
+  // The same for a tower with damping "exact" (SPEC.md sections 2-3): instead of alpha, the per-item
+  // variances along the B eigenbasis, k [N, D] = (z * z) K with z = [phi, 1] Qa [N, p] (the 1 only with a
+  // bias). Qa: [p, p] eigenvectors of A; K: [p, D] = 1 / (n a_i e_j + lambda). z is never written out.
+  m.def(
+      "item_stats_exact(Tensor phi, Tensor weight, Tensor? bias, Tensor? residual, Tensor Qa, Tensor K, "
+      "Tensor? B_cross) -> (Tensor mean, Tensor k, Tensor sq_norm, Tensor cross_quad)");
+
   // Logit mean and variance for every pair of x [N, D] and y [M, D] (SPEC.md section 4): one fused
   // GEMM (two with var features) and an epilogue. Returns (first [N, M], var [N, M]) in the
   // accumulation dtype; `output` picks first = mean (0), probit logit (1) or sigmoid probit (2).

@@ -333,3 +333,46 @@ def test_fused_ops_compile_fullgraph(generator):
     compiled = torch.compile(score, fullgraph=True, backend="inductor")
     for got, expected in zip(compiled(*data), score(*data)):
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("device", devices, ids=str)
+@pytest.mark.parametrize("dtype", dtypes, ids=str)
+@pytest.mark.parametrize("with_bias,with_cross", [(False, False), (True, True), (False, True)])
+@pytest.mark.parametrize("n,p,d", [(1, 3, 2), (300, 40, 24), (129, 7, 33)])
+def test_item_stats_exact_matches_float64_oracle(device, dtype, with_bias, with_cross, n, p, d, generator):
+    acc = acc_dtype(dtype)
+    phi = strided(torch.randn(n, p, generator=generator, dtype=torch.float64).to(dtype), n % 2 == 1).to(device)
+    weight = torch.randn(d, p, generator=generator, dtype=torch.float64).to(device=device, dtype=acc)
+    bias = torch.randn(d, generator=generator, dtype=torch.float64).to(device=device, dtype=acc) if with_bias else None
+    pa = p + with_bias
+    Qa = torch.linalg.qr(torch.randn(pa, pa, generator=generator, dtype=torch.float64))[0].to(device=device, dtype=acc)
+    K = (torch.rand(pa, d, generator=generator, dtype=torch.float64) + 0.1).to(device=device, dtype=acc)
+    B_cross = spd(d, generator).to(device=device, dtype=acc) if with_cross else None
+    mean, k, sq_norm, quad = ops.item_stats_exact(phi, weight, bias, None, Qa, K, B_cross)
+    # Oracle in float64: z = [phi, 1] Qa, k_e = sum_c z_c^2 K_ce, item by item.
+    x = phi.double().cpu()
+    if with_bias:
+        x = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], dim=1)
+    z = x @ Qa.double().cpu()
+    exp_k = torch.stack([(zi * zi) @ K.double().cpu() for zi in z])
+    magnitude = torch.stack([((xi.abs() @ Qa.double().cpu().abs()) ** 2) @ K.double().cpu() for xi in x])
+    assert k.dtype == acc and k.shape == (n, d)
+    assert ((k.double().cpu() - exp_k).abs() / magnitude).max() <= 2 * budget(dtype)
+    exp_mean, _, exp_sq, exp_quad, _ = item_stats_oracle(phi, weight, bias, None, torch.eye(pa, dtype=acc), B_cross)
+    mean_mag = phi.double().cpu().abs() @ weight.double().cpu().abs().T + 1.0
+    assert ((mean.double().cpu() - exp_mean).abs() / mean_mag).max() <= budget(dtype)
+    assert ((sq_norm.double().cpu() - exp_sq).abs() / exp_sq.clamp_min(1e-300)).max() <= 2 * budget(dtype)
+    assert quad.shape == ((n,) if with_cross else (0,))
+
+
+@needs_extension
+def test_item_stats_exact_opcheck_and_errors(generator):
+    phi = torch.randn(6, 5, generator=generator)
+    Qa = torch.linalg.qr(torch.randn(6, 6, generator=generator))[0]
+    args = (phi, torch.randn(4, 5, generator=generator), torch.randn(4, generator=generator), None, Qa,
+            torch.rand(6, 4, generator=generator), None)
+    torch.library.opcheck(torch.ops.bayesvlm_ext.item_stats_exact.default, args)
+    with pytest.raises(ValueError, match="'K' must have shape \\(6, 4\\)"):
+        ops.item_stats_exact(*args[:5], torch.rand(5, 4), None)
+    with pytest.raises(ValueError, match="'Qa' must have shape"):
+        ops.item_stats_exact(phi, args[1], None, None, Qa, torch.rand(5, 4), None)
