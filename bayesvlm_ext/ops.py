@@ -65,6 +65,22 @@ def _check_acc(name: str, t: Tensor | None, acc: torch.dtype, device: torch.devi
         raise ValueError(f"argument '{name}' must be on {device}, got {t.device}")
 
 
+def _check_item_inputs(phi, weight, bias, residual, B_cross, **factors) -> None:
+    """The shared contract of item_stats and item_stats_exact; `factors`: A_inv, or Qa and K."""
+    check_tensor("phi", phi, dim=2)
+    acc, (n, p) = accumulation_dtype(phi.dtype), phi.shape
+    check_tensor("weight", weight, dim=2)
+    d = weight.shape[0]
+    _check_acc("weight", weight, acc, phi.device, (d, p), " ([D, P] with P of phi)")
+    _check_acc("bias", bias, acc, phi.device, (d,))
+    _check_acc("residual", residual, acc, phi.device, (n, d))
+    _check_acc("B_cross", B_cross, acc, phi.device, (d, d))
+    pa = p + (bias is not None)
+    for name, t in factors.items():  # A_inv and Qa are [p, p], K is [p, D]
+        _check_acc(name, t, acc, phi.device, (pa, d if name == "K" else pa),
+                   " (P + 1 with a bias)" if bias is not None else "")
+
+
 def item_stats(
     phi: Tensor,  # [N, P] float16, bfloat16, float32 or float64; any strides
     weight: Tensor,  # [D, P] accumulation dtype (float32; float64 for float64 phi)
@@ -74,16 +90,7 @@ def item_stats(
     B_cross: Tensor | None,  # [D, D] the other tower's shared matrix, or None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # mean [N, D], alpha [N], sq_norm [N], cross_quad [N] ([0] w/o B_cross)
     """Per-item statistics of one tower in one pass over phi (SPEC.md section 3)."""
-    check_tensor("phi", phi, dim=2)
-    acc, (n, p) = accumulation_dtype(phi.dtype), phi.shape
-    check_tensor("weight", weight, dim=2)
-    d = weight.shape[0]
-    _check_acc("weight", weight, acc, phi.device, (d, p), " ([D, P] with P of phi)")
-    _check_acc("bias", bias, acc, phi.device, (d,))
-    _check_acc("residual", residual, acc, phi.device, (n, d))
-    pa = p + (bias is not None)
-    _check_acc("A_inv", A_inv, acc, phi.device, (pa, pa), " (P + 1 with a bias)" if bias is not None else "")
-    _check_acc("B_cross", B_cross, acc, phi.device, (d, d))
+    _check_item_inputs(phi, weight, bias, residual, B_cross, A_inv=A_inv)
     if _compiled("item_stats", phi.device, phi, weight, bias, residual, A_inv, B_cross):
         return torch.ops.bayesvlm_ext.item_stats(phi, weight, bias, residual, A_inv, B_cross)
     return reference.item_stats(phi, weight, bias, residual, A_inv, B_cross)
@@ -100,17 +107,7 @@ def item_stats_exact(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # mean [N, D], k [N, D], sq_norm [N], cross_quad [N] ([0] w/o B_cross)
     """Per-item statistics of a tower with damping "exact" in one pass over phi (SPEC.md section 3):
     k = (z * z) K with z = [phi, 1] Qa, never written out."""
-    check_tensor("phi", phi, dim=2)
-    acc, (n, p) = accumulation_dtype(phi.dtype), phi.shape
-    check_tensor("weight", weight, dim=2)
-    d = weight.shape[0]
-    _check_acc("weight", weight, acc, phi.device, (d, p), " ([D, P] with P of phi)")
-    _check_acc("bias", bias, acc, phi.device, (d,))
-    _check_acc("residual", residual, acc, phi.device, (n, d))
-    pa = p + (bias is not None)
-    _check_acc("Qa", Qa, acc, phi.device, (pa, pa), " (P + 1 with a bias)" if bias is not None else "")
-    _check_acc("K", K, acc, phi.device, (pa, d))
-    _check_acc("B_cross", B_cross, acc, phi.device, (d, d))
+    _check_item_inputs(phi, weight, bias, residual, B_cross, Qa=Qa, K=K)
     if _compiled("item_stats_exact", phi.device, phi, weight, bias, residual, Qa, K, B_cross):
         return torch.ops.bayesvlm_ext.item_stats_exact(phi, weight, bias, residual, Qa, K, B_cross)
     return reference.item_stats_exact(phi, weight, bias, residual, Qa, K, B_cross)

@@ -75,16 +75,21 @@ def item_stats(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # mean [N, D], alpha [N], sq_norm [N], cross_quad [N] or [0]
     """Per-item statistics of one tower (SPEC.md section 3): the embedding mean, alpha = phi^T A_inv phi,
     ||mean||^2 and mean^T B_cross mean, accumulated in A_inv's dtype."""
-    x = phi.to(A_inv.dtype)
+    x, mean, sq_norm, cross_quad = _tower_mean_stats(phi, weight, bias, residual, B_cross, A_inv.dtype)
+    return mean, ((x @ A_inv) * x).sum(-1), sq_norm, cross_quad
+
+
+def _tower_mean_stats(phi, weight, bias, residual, B_cross, dtype):
+    """([phi, 1] or phi [N, p], mean [N, D], ||mean||^2 [N], mean^T B_cross mean [N] or [0]) in `dtype`."""
+    x = phi.to(dtype)
     mean = x @ weight.T
     if bias is not None:
         mean = mean + bias
         x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
     if residual is not None:
         mean = mean + residual.to(mean.dtype)
-    alpha = ((x @ A_inv) * x).sum(-1)
     cross_quad = ((mean @ B_cross) * mean).sum(-1) if B_cross is not None else mean.new_empty(0)
-    return mean, alpha, (mean * mean).sum(-1), cross_quad
+    return x, mean, (mean * mean).sum(-1), cross_quad
 
 
 def item_stats_exact(
@@ -97,16 +102,9 @@ def item_stats_exact(
     B_cross: Tensor | None,  # [D, D]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # mean [N, D], k [N, D], sq_norm [N], cross_quad [N] or [0]
     """item_stats for damping "exact" (SPEC.md section 3): k = (z * z) K with z = [phi, 1] Qa."""
-    x = phi.to(Qa.dtype)
-    mean = x @ weight.T
-    if bias is not None:
-        mean = mean + bias
-        x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-    if residual is not None:
-        mean = mean + residual.to(mean.dtype)
+    x, mean, sq_norm, cross_quad = _tower_mean_stats(phi, weight, bias, residual, B_cross, Qa.dtype)
     z = x @ Qa
-    cross_quad = ((mean @ B_cross) * mean).sum(-1) if B_cross is not None else mean.new_empty(0)
-    return mean, (z * z) @ K, (mean * mean).sum(-1), cross_quad
+    return mean, (z * z) @ K, sq_norm, cross_quad
 
 
 def _pair_logit_moments(x, y, x_stats, y_stats, x_var, y_var, scale, bias, trace_cross):
