@@ -1,4 +1,4 @@
-# make demo | make test | make build | make bench | make clean
+# make demo | make test | make build | make bench | make sanitize (GPU) | make clean
 # Every target sets up .venv/ on first use (dependencies from constraints.txt, then the
 # extension built with --no-build-isolation) and reuses it afterwards.
 
@@ -11,7 +11,7 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h') setup.py tools/cuda_toolkit.py
 
-.PHONY: all setup build demo test test-python test-cpp bench clean
+.PHONY: all setup build demo test test-python test-cpp bench sanitize clean
 all: test
 
 $(VENV)/.deps-installed: constraints.txt pyproject.toml
@@ -46,6 +46,12 @@ test: test-cpp test-python
 
 bench: setup
 	$(PY) -m pytest benchmarks --benchmark-only
+
+# On a GPU machine: every CUDA kernel under compute-sanitizer (memcheck, then racecheck for shared memory).
+SANITIZE_TESTS := tests/test_fused_ops.py tests/test_ops.py -k cuda -x -q -p no:cacheprovider
+sanitize: setup
+	compute-sanitizer --tool memcheck --error-exitcode 1 $(PY) -m pytest $(SANITIZE_TESTS)
+	compute-sanitizer --tool racecheck --error-exitcode 1 $(PY) -m pytest $(SANITIZE_TESTS)
 
 clean:
 	rm -rf build $(VENV) *.egg-info bayesvlm_ext/_C*.so

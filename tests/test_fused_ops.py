@@ -376,3 +376,38 @@ def test_item_stats_exact_opcheck_and_errors(generator):
         ops.item_stats_exact(*args[:5], torch.rand(5, 4), None)
     with pytest.raises(ValueError, match="'Qa' must have shape"):
         ops.item_stats_exact(phi, args[1], None, None, Qa, torch.rand(5, 4), None)
+
+
+@pytest.mark.parametrize("device", devices, ids=str)
+@pytest.mark.parametrize("with_var", [False, True], ids=["kron", "var-features"])
+def test_topk_large_k_matches_dense_sort(device, with_var, generator):
+    # k beyond the CUDA kernel's shared-memory lists takes its streaming fallback; same answer.
+    n, m, d, k = 5, 3000, 6, 300
+    x = torch.randint(-3, 4, (n, d), generator=generator).to(device=device, dtype=torch.float32)
+    y = torch.randint(-3, 4, (m, d), generator=generator).to(device=device, dtype=torch.float32)
+    stats_x, stats_y = torch.ones(n, 3, device=device), torch.ones(m, 3, device=device)
+    x_var = torch.randint(0, 3, (n, 2 * d), generator=generator).float().to(device) if with_var else None
+    y_var = torch.randint(0, 3, (m, 2 * d), generator=generator).float().to(device) if with_var else None
+    data = (x, y, stats_x, stats_y, x_var, y_var)
+    for score in range(4):
+        values, indices, mean, var = ops.topk_moments(*data, 1.0, 0.5, 0.25, k, score, 0.5)
+        expected = dense_topk(data, k, score, 0.5, 1.0, 0.5, 0.25)
+        assert torch.equal(indices.cpu(), expected[1])
+        torch.testing.assert_close(values.cpu().double(), expected[0], rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 is a CUDA path")
+@pytest.mark.parametrize("with_var", [False, True], ids=["kron", "var-features"])
+def test_pairwise_moments_tf32_within_tf32_budget(with_var, generator):
+    # With TF32 allowed, float32 inputs are rounded to 10-bit mantissas (2^-11 ~ 4.9e-4) before the
+    # tensor-core GEMM: the error budget is that rounding, accumulated in float32.
+    data = pair_data(300, 700, 512, torch.float32, "cuda", generator, with_var)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        mean, var = ops.pairwise_moments(*data, SCALE, BIAS, TRACE_CROSS, 0)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    exp_mean, exp_var, magnitude = oracle_moments(*data)
+    assert ((mean.double().cpu() - exp_mean).abs() / magnitude).max() <= 2e-3
+    assert ((var.double().cpu() - exp_var).abs() / exp_var).max() <= 2e-3
