@@ -411,3 +411,22 @@ def test_pairwise_moments_tf32_within_tf32_budget(with_var, generator):
     exp_mean, exp_var, magnitude = oracle_moments(*data)
     assert ((mean.double().cpu() - exp_mean).abs() / magnitude).max() <= 2e-3
     assert ((var.double().cpu() - exp_var).abs() / exp_var).max() <= 2e-3
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(0, 12), m=st.integers(1, 2100), d=st.integers(1, 9), score=st.integers(0, 3),
+       with_var=st.booleans(), step=st.integers(1, 2), seed=st.integers(0, 2**31 - 1), k_fraction=st.floats(0, 1))
+def test_topk_property_shapes_and_strides(n, m, d, score, with_var, step, seed, k_fraction):
+    # Small-integer data (exact in float32): top-k equals the stable dense sort for any shape and strides.
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-2, 3, (n * step, d * step), generator=g).float()[::step, ::step]
+    y = torch.randint(-2, 3, (m, d * step), generator=g).float()[:, ::step]
+    stats_x, stats_y = torch.ones(n, 3), torch.ones(m, 3)
+    x_var = torch.randint(0, 3, (n, 2 * d), generator=g).float() if with_var else None
+    y_var = torch.randint(0, 3, (m, 2 * d), generator=g).float() if with_var else None
+    data = (x, y, stats_x, stats_y, x_var, y_var)
+    k = round(k_fraction * m)
+    values, indices, mean, var = ops.topk_moments(*data, 1.0, 0.5, 0.25, k, score, 0.5)
+    expected = dense_topk(data, k, score, 0.5, 1.0, 0.5, 0.25)
+    assert torch.equal(indices, expected[1])
+    torch.testing.assert_close(values.double(), expected[0], rtol=1e-6, atol=1e-12)

@@ -395,6 +395,26 @@ unsigned num_blocks(int64_t n, const char* op) {
   return static_cast<unsigned>(blocks);
 }
 
+// The fields both params structs share: phi, the mean's inputs and the shared outputs.
+template <typename Params>
+void fill_mean_params(Params& params, const at::Tensor& phi, const at::Tensor& weight, const at::Tensor& bias,
+                      const at::Tensor& residual, const at::Tensor& B_cross, at::Tensor& mean, at::Tensor& sq_norm,
+                      at::Tensor& cross_quad, int64_t d) {
+  params.phi = phi.const_data_ptr();
+  params.phi_row_stride = phi.stride(0);
+  params.phi_col_stride = phi.stride(1);
+  params.weight = weight.const_data_ptr();
+  params.bias = bias.defined() ? bias.const_data_ptr() : nullptr;
+  params.residual = residual.defined() ? residual.const_data_ptr() : nullptr;
+  params.B_cross = B_cross.defined() ? B_cross.const_data_ptr() : nullptr;
+  params.mean = mean.mutable_data_ptr();
+  params.sq_norm = sq_norm.mutable_data_ptr();
+  params.cross_quad = B_cross.defined() ? cross_quad.mutable_data_ptr() : nullptr;
+  params.n = phi.size(0);
+  params.p = phi.size(1);
+  params.d = d;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> item_stats_cuda(
     const at::Tensor& phi,                       // [N, P] any float dtype, any strides
     const at::Tensor& weight,                    // [D, P]
@@ -406,7 +426,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> item_stats_cuda(
   TORCH_CHECK_VALUE(phi.is_cuda(), "item_stats: argument 'phi' must be a CUDA tensor");
   const c10::cuda::CUDAGuard device_guard(phi.device());
   const auto options = phi.options().dtype(moments_acc_dtype(phi.scalar_type()));
-  const int64_t n = phi.size(0), p = phi.size(1), d = weight.size(0);
+  const int64_t n = phi.size(0), d = weight.size(0);
   at::Tensor mean = at::empty({n, d}, options);  // [N, D]
   at::Tensor alpha = at::empty({n}, options);    // [N]
   at::Tensor sq_norm = at::empty({n}, options);  // [N]
@@ -422,21 +442,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> item_stats_cuda(
   const at::Tensor B_c = B_cross.has_value() ? B_cross->contiguous() : at::Tensor();
 
   ItemStatsParams params{};
-  params.phi = phi.const_data_ptr();
-  params.phi_row_stride = phi.stride(0);
-  params.phi_col_stride = phi.stride(1);
-  params.weight = weight_c.const_data_ptr();
-  params.bias = bias_c.defined() ? bias_c.const_data_ptr() : nullptr;
-  params.residual = residual_c.defined() ? residual_c.const_data_ptr() : nullptr;
+  fill_mean_params(params, phi, weight_c, bias_c, residual_c, B_c, mean, sq_norm, cross_quad, d);
   params.A_inv = A_c.const_data_ptr();
-  params.B_cross = B_c.defined() ? B_c.const_data_ptr() : nullptr;
-  params.mean = mean.mutable_data_ptr();
   params.alpha = alpha.mutable_data_ptr();
-  params.sq_norm = sq_norm.mutable_data_ptr();
-  params.cross_quad = B_cross.has_value() ? cross_quad.mutable_data_ptr() : nullptr;
-  params.n = n;
-  params.p = p;
-  params.d = d;
 
   const unsigned blocks = num_blocks(n, "item_stats");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -463,7 +471,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> item_stats_exact_cuda
   TORCH_CHECK_VALUE(phi.is_cuda(), "item_stats_exact: argument 'phi' must be a CUDA tensor");
   const c10::cuda::CUDAGuard device_guard(phi.device());
   const auto options = phi.options().dtype(moments_acc_dtype(phi.scalar_type()));
-  const int64_t n = phi.size(0), p = phi.size(1), d = weight.size(0);
+  const int64_t n = phi.size(0), d = weight.size(0);
   at::Tensor mean = at::empty({n, d}, options);  // [N, D]
   at::Tensor k = at::empty({n, d}, options);     // [N, D]
   at::Tensor sq_norm = at::empty({n}, options);  // [N]
@@ -479,22 +487,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> item_stats_exact_cuda
   const at::Tensor B_c = B_cross.has_value() ? B_cross->contiguous() : at::Tensor();
 
   ItemStatsExactParams params{};
-  params.phi = phi.const_data_ptr();
-  params.phi_row_stride = phi.stride(0);
-  params.phi_col_stride = phi.stride(1);
-  params.weight = weight_c.const_data_ptr();
-  params.bias = bias_c.defined() ? bias_c.const_data_ptr() : nullptr;
-  params.residual = residual_c.defined() ? residual_c.const_data_ptr() : nullptr;
+  fill_mean_params(params, phi, weight_c, bias_c, residual_c, B_c, mean, sq_norm, cross_quad, d);
   params.Qa = Qa_c.const_data_ptr();
   params.K = K_c.const_data_ptr();
-  params.B_cross = B_c.defined() ? B_c.const_data_ptr() : nullptr;
-  params.mean = mean.mutable_data_ptr();
   params.k = k.mutable_data_ptr();
-  params.sq_norm = sq_norm.mutable_data_ptr();
-  params.cross_quad = B_cross.has_value() ? cross_quad.mutable_data_ptr() : nullptr;
-  params.n = n;
-  params.p = p;
-  params.d = d;
 
   const unsigned blocks = num_blocks(n, "item_stats_exact");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
