@@ -13,6 +13,7 @@
 #include <algorithm>
 
 #include "../moments.h"
+#include "vectorise.h"
 
 namespace bayesvlm_ext {
 namespace {
@@ -20,7 +21,7 @@ namespace {
 constexpr int64_t kRowsPerChunk = 128;
 
 template <typename acc_t>
-inline acc_t dot(const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t len) {
+BAYESVLM_EXT_VECTORISE acc_t dot(const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t len) {
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t k = 0; k < len; ++k) sum += a[k] * b[k];

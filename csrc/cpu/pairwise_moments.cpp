@@ -17,10 +17,16 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
 #include "../moments.h"
+#include "vectorise.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace bayesvlm_ext {
 namespace {
@@ -30,6 +36,21 @@ constexpr int64_t kTileCols = 512;
 constexpr int64_t kQueryBlock = 256;     // topk_moments: queries per task
 constexpr int64_t kGalleryTile = 1024;   // gallery rows per GEMM inside a task
 constexpr int64_t kSegmentsPerThread = 4;  // gallery segments per thread, for load balance
+
+// Asks the kernel to back a large, not yet touched output with transparent huge pages where the
+// system allows it (THP "madvise" mode): first-touch page faults on [N, M] outputs otherwise cost
+// about as much as writing them. Only whole 2 MiB pages inside the buffer are advised; a no-op elsewhere.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + static_cast<uintptr_t>(t.nbytes());
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1), last = end & ~(kHugePage - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // advisory only
+#else
+  (void)t;
+#endif
+}
 
 // Per-item scalars of one side, as contiguous columns (stats are [rows, 3] row-major).
 template <typename acc_t>
@@ -81,7 +102,7 @@ struct ColumnView {
 // mean and var of one row of pairs, in place: `mean` holds x_i . y_j on entry, `var` holds
 // x_var_i . y_var_j on entry when kHasVar (it is write-only otherwise).
 template <typename acc_t, bool kHasVar>
-inline void moments_row(acc_t* __restrict__ mean, acc_t* __restrict__ var, int64_t cols, const RowScalars<acc_t>& r,
+BAYESVLM_EXT_VECTORISE void moments_row(acc_t* __restrict__ mean, acc_t* __restrict__ var, int64_t cols, const RowScalars<acc_t>& r,
                         const ColumnView<acc_t>& c, acc_t bias) {
 #pragma omp simd
   for (int64_t j = 0; j < cols; ++j) {
@@ -102,7 +123,7 @@ inline acc_t sigmoid(acc_t t) {
 }
 
 template <typename acc_t, MomentsOutput kOutput>
-inline void transform_row(acc_t* __restrict__ first, const acc_t* __restrict__ var, int64_t cols) {
+BAYESVLM_EXT_VECTORISE void transform_row(acc_t* __restrict__ first, const acc_t* __restrict__ var, int64_t cols) {
   if constexpr (kOutput == MomentsOutput::kProbitLogit) {
 #pragma omp simd
     for (int64_t j = 0; j < cols; ++j) first[j] = probit_logit(first[j], var[j]);
@@ -143,6 +164,8 @@ std::tuple<at::Tensor, at::Tensor> pairwise_moments_cpu(const at::Tensor& x, con
   at::Tensor first = at::empty({n, m}, x.options().dtype(acc));
   at::Tensor var = at::empty({n, m}, x.options().dtype(acc));
   if (n == 0 || m == 0) return {first, var};
+  advise_huge_pages(first);
+  advise_huge_pages(var);
   // O((N + M) D) conversions, small beside the [N, M] outputs; no-ops for contiguous acc-dtype input.
   const at::Tensor xa = x.to(acc).contiguous(), ya = y.to(acc).contiguous();
   const bool has_var = x_var.has_value();
@@ -212,7 +235,7 @@ struct TopkList {
 
 // Score of one row of pairs from its moments (mean, var), into `score`.
 template <typename acc_t, TopkScore kScore>
-inline void score_row(acc_t* __restrict__ score, const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
+BAYESVLM_EXT_VECTORISE void score_row(acc_t* __restrict__ score, const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
                       int64_t cols, acc_t kappa) {
 #pragma omp simd
   for (int64_t j = 0; j < cols; ++j) {
