@@ -5,6 +5,7 @@ The mathematics is SPEC.md; the README maps each section to the names below.
 
 from . import ops, reference
 from ._extension import backend, build_info, has_extension
+from .curvature import FactorAccumulator, Likelihood, kfac_factors
 from .distribution import CovarianceForm, EmbeddingDistribution
 from .moments import MomentsOutput, Variant, cosine_moments
 from .posterior import Damping, FactorReport, KronPosterior
@@ -14,7 +15,7 @@ from .retrieval import Score, topk
 __version__ = "0.1.0"
 
 __all__ = [
-    "KronPosterior", "Damping", "FactorReport", "EmbeddingDistribution", "CovarianceForm", "cosine_moments",
+    "KronPosterior", "Damping", "kfac_factors", "FactorAccumulator", "Likelihood", "FactorReport", "EmbeddingDistribution", "CovarianceForm", "cosine_moments",
     "Variant", "MomentsOutput", "topk", "Score", "predictive", "Link", "accuracy", "nlpd", "ece", "backend", "build_info", "has_extension", "ops",
     "reference", "__version__",
 ]

@@ -19,7 +19,7 @@ from torch import Tensor
 from ._validation import accumulation_dtype
 
 __all__ = ["kron_quadform", "embedding_variance_diag", "cosine_moments_diag", "item_stats", "item_stats_exact",
-           "pairwise_moments", "topk_moments"]
+           "pairwise_moments", "topk_moments", "kfac_factors_per_sample"]
 
 PI_OVER_8 = math.pi / 8
 STAT_COLUMNS = ("inv_norm", "alpha", "quad")  # the [rows, 3] per-item stats of the pairwise ops
@@ -187,3 +187,43 @@ def topk_moments(
     key, index, mean, var = (t[:, :k] for t in best)
     values = torch.sigmoid(key) if score == 3 else key
     return values.to(dtype), index, mean, var
+
+
+def kfac_factors_per_sample(
+    features: Tensor,  # [N, P]
+    embeddings: Tensor,  # [N, D] unnormalised sources g
+    targets: Tensor,  # [N, D] paired targets
+    likelihood: str = "infonce",  # or "siglip"
+    logit_scale: float = math.log(100.0),
+    logit_bias: float = 0.0,
+    class_batch_size: int = 32768,
+    bias: bool = False,
+) -> tuple[Tensor, Tensor]:  # A [p, p], B [D, D] float64
+    """The published formulation of SPEC.md section 6: one D x D matrix H_i = J_i M_i J_i per source,
+    O(N C D^2) in all. The oracle of `bayesvlm_ext.kfac_factors` (and its benchmark baseline)."""
+    s = math.exp(float(logit_scale))
+    x = features.to(torch.float64)
+    if bias:
+        x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+    g_all, y_all = embeddings.to(torch.float64), targets.to(torch.float64)
+    n, d = g_all.shape
+    eye = torch.eye(d, dtype=torch.float64, device=g_all.device)
+    B = torch.zeros(d, d, dtype=torch.float64, device=g_all.device)
+    for start in range(0, n, class_batch_size):
+        y = y_all[start:start + class_batch_size]
+        y = y / y.norm(dim=1, keepdim=True)
+        for g in g_all[start:start + class_batch_size]:
+            norm = g.norm()
+            u = g / norm
+            J = (eye - torch.outer(u, u)) / norm
+            z = s * (y @ u)
+            if likelihood == "infonce":
+                p = torch.softmax(z, dim=0)
+                m = y.T @ p
+                M = s * s * (y.T @ (p[:, None] * y) - torch.outer(m, m))
+            else:
+                sig = torch.sigmoid(z + float(logit_bias))
+                M = s * s * (y.T @ ((sig * (1 - sig))[:, None] * y))
+            B += J @ M @ J
+    root = math.sqrt(n)
+    return x.T @ x / root, B / root

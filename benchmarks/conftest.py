@@ -26,12 +26,14 @@ SHAPES = {
         "item_stats": {"N": 4096, "P": 768, "D": 512},
         "moments": {"N": 4096, "M": 4096, "D": 512, "P_img": 768, "P_txt": 768},
         "topk": {"N": 256, "M": 200_000, "D": 512, "k": 10, "P_img": 768, "P_txt": 768},
+        "kfac": {"N": 4096, "D": 512, "P": 768},
     },
     "cuda": {
         "quadform": {"N": 65536, "P": 768},
         "item_stats": {"N": 65536, "P": 768, "D": 512},
         "moments": {"N": 16384, "M": 16384, "D": 512, "P_img": 768, "P_txt": 768},
         "topk": {"N": 1024, "M": 1_000_000, "D": 512, "k": 10, "P_img": 768, "P_txt": 768},
+        "kfac": {"N": 32768, "D": 512, "P": 768},
     },
 }
 # Input dtypes of the pairwise benchmarks: the CPU targets are float32; the GPU ones bf16 and fp32.

@@ -108,6 +108,8 @@ TARGETS = [
      1.2),
     ("topk pessimistic / chunked mm+topk", "cpu", "float32", "topk",
      lambda t: t["topk_pessimistic"] / t["chunked_mm_topk"], "<=", 1.2),
+    ("kfac per-sample / fast factors (N = C = 4096)", "cpu", "float64", "kfac", lambda t: t["per_sample"] / t["fast"],
+     ">=", 100.0),
 ] + [
     target
     for dtype in ("bfloat16", "float32")

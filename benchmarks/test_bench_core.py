@@ -11,12 +11,14 @@ Run: `pytest benchmarks --benchmark-only`; `python -m benchmarks.report` runs th
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from torch import Tensor
 
 import bayesvlm_ext
-from bayesvlm_ext import EmbeddingDistribution, cosine_moments, ops, reference, topk
+from bayesvlm_ext import EmbeddingDistribution, cosine_moments, kfac_factors, ops, reference, topk
 
 from .conftest import LOGIT_SCALE, bench_dtypes, shapes, synchronize
 
@@ -242,3 +244,42 @@ def test_topk_chunked_mm_baseline(benchmark, topk_inputs, device, dtype):
     k = shapes(device)["topk"]["k"]
     run_timed(benchmark, lambda: chunked_mm_topk(queries, gallery, k), device, "baseline", "chunked_mm_topk", "topk",
               dtype)
+
+
+# ---- (d) KFAC factors: the algebraic expansion against the per-sample formulation -----------------------
+@pytest.fixture(scope="module")
+def kfac_inputs(device):
+    shape = shapes(device)["kfac"]
+    generator = torch.Generator().manual_seed(4)
+    features = torch.randn(shape["N"], shape["P"], generator=generator)
+    embeddings = torch.randn(shape["N"], shape["D"], generator=generator)
+    # Weakly paired (positive cosine ~0.1, a logit gap ~10 at s = 100), as in a trained CLIP; strongly
+    # paired random data make the softmax one-hot and B ~ e^-70, all cancellation.
+    targets = 0.1 * embeddings + torch.randn(shape["N"], shape["D"], generator=generator)
+    return features.to(device), embeddings.to(device), targets.to(device)
+
+
+@pytest.mark.benchmark
+@pytest.mark.parametrize("impl", ["fast", "per_sample"])
+def test_kfac_factors(benchmark, kfac_inputs, device, impl):
+    """Float64 sums over one class batch of C = N pairs (InfoNCE). The per-sample formulation costs
+    O(N C D^2): it runs one round, no warm-up (about two minutes here)."""
+    benchmark.group = group_name("kfac", torch.float64)
+    c = shapes(device)["kfac"]["N"]
+    fast = partial(kfac_factors, *kfac_inputs, "infonce", LOGIT_SCALE, class_batch_size=c)
+    if impl == "fast":
+        A, B = fast()
+        # The oracle on a slice: the first 64 pairs as their own class batch, both ways.
+        small = [t[:64] for t in kfac_inputs]
+        A_ref, B_ref = reference.kfac_factors_per_sample(*small, "infonce", LOGIT_SCALE, class_batch_size=64)
+        A_small, B_small = kfac_factors(*small, "infonce", LOGIT_SCALE, class_batch_size=64)
+        assert_close_to_oracle("kfac_factors B", B_small, B_ref, torch.float64)
+        assert_close_to_oracle("kfac_factors A", A_small, A_ref, torch.float64)
+        run_timed(benchmark, fast, device, "candidate", "fast", "kfac", torch.float64)
+        return
+    benchmark.extra_info.update(role="baseline", key="per_sample", kind="kfac", dtype="float64", device=str(device),
+                                backend=bayesvlm_ext.backend(device), threads=torch.get_num_threads(),
+                                shape=shapes(device)["kfac"])
+    benchmark.pedantic(lambda: reference.kfac_factors_per_sample(*kfac_inputs, "infonce", LOGIT_SCALE,
+                                                                 class_batch_size=c), rounds=1, iterations=1,
+                       warmup_rounds=0)
