@@ -83,6 +83,34 @@ class FactorAccumulator:
             self.B_sum += other.B_sum.to(self.B_sum.device)
         self.count += other.count
 
+    def all_reduce(self, group=None) -> None:
+        """Sums the accumulators of every process of `group` (torch.distributed, any backend), in place.
+
+        Ranks that saw no data take part with zero sums; afterwards every rank holds the global
+        sums and count, so `factors()` gives the same A and B everywhere.
+        """
+        import torch.distributed as dist
+
+        device = self.A_sum.device if self.A_sum is not None else _collective_device(group)
+        sizes = torch.tensor([0 if self.A_sum is None else self.A_sum.shape[0],
+                              0 if self.B_sum is None else self.B_sum.shape[0], self.count],
+                             dtype=torch.float64, device=device)
+        shapes = sizes[:2].clone()
+        dist.all_reduce(shapes, op=dist.ReduceOp.MAX, group=group)
+        p, d = int(shapes[0]), int(shapes[1])
+        if p == 0:
+            raise ValueError("no data accumulated on any rank: nothing to all-reduce")
+        if self.A_sum is None:
+            self.A_sum = torch.zeros(p, p, dtype=torch.float64, device=device)
+            self.B_sum = torch.zeros(d, d, dtype=torch.float64, device=device)
+        elif self.A_sum.shape != (p, p) or self.B_sum.shape != (d, d):
+            raise ValueError(f"ranks accumulated different sizes: A {tuple(self.A_sum.shape)} here, [{p}, {p}] "
+                             "elsewhere")
+        count = sizes[2:].clone()
+        for t in (self.A_sum, self.B_sum, count):
+            dist.all_reduce(t, group=group)
+        self.count = int(count.item())
+
     def factors(self) -> tuple[Tensor, Tensor]:  # A [p, p], B [D, D], float64
         """(A, B) = (sum phi phi^T, sum H) / sqrt(N) over everything accumulated."""
         if self.count == 0:
@@ -100,21 +128,55 @@ def kfac_factors(
     logit_bias: float | Tensor = 0.0,  # SigLIP's bias (ignored by InfoNCE's softmax)
     class_batch_size: int = DEFAULT_CLASS_BATCH_SIZE,
     bias: bool = False,  # the layer has a bias: a constant 1 is appended to the features
+    distributed: bool | None = None,  # None: whenever torch.distributed is initialised with several ranks
+    group=None,  # the torch.distributed process group (default: the world)
 ) -> tuple[Tensor, Tensor]:  # A [P, P] ([P+1, P+1] with bias), B [D, D], float64
     """The KFAC factors of one tower (SPEC.md section 6), from precomputed tensors.
 
     Consecutive class batches of `class_batch_size` pairs (the last one may be smaller; all of the
     data when there are fewer pairs): each source is scored against its batch's targets. Sums in
     float64, divided by sqrt(N). Memory O(C^2 + C D + D^2); time O(N C D + N D^2).
+
+    Distributed (e.g. under `torchrun`): every rank passes the same tensors, rank r scores the class
+    batches r, r + K, r + 2K, ... of the K ranks, and the sums are all-reduced, so every rank returns
+    the single-process factors up to float64 rounding of the summation order.
     """
     n = _check_batch(features, embeddings, targets)
     if isinstance(class_batch_size, bool) or not isinstance(class_batch_size, int) or class_batch_size < 1:
         raise ValueError(f"argument 'class_batch_size' must be a positive int, got {class_batch_size!r}")
+    rank, world = _distributed_rank(distributed, group)
     accumulator = FactorAccumulator(likelihood, logit_scale, logit_bias, bias)
-    for start in range(0, n, class_batch_size):
-        rows = slice(start, start + class_batch_size)
-        accumulator.update(features[rows], embeddings[rows], targets[rows])
+    for batch, start in enumerate(range(0, n, class_batch_size)):
+        if batch % world == rank:
+            rows = slice(start, start + class_batch_size)
+            accumulator.update(features[rows], embeddings[rows], targets[rows])
+    if world > 1:
+        accumulator.all_reduce(group)
     return accumulator.factors()
+
+
+def _distributed_rank(distributed: bool | None, group) -> tuple[int, int]:
+    """(rank, world size) for sharding, (0, 1) when not distributed."""
+    import torch.distributed as dist
+
+    active = dist.is_available() and dist.is_initialized()
+    if distributed is None:
+        distributed = active and dist.get_world_size(group) > 1
+    if not distributed:
+        return 0, 1
+    if not active:
+        raise ValueError("argument 'distributed' is True but torch.distributed is not initialised "
+                         "(call torch.distributed.init_process_group, or run under torchrun)")
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _collective_device(group) -> torch.device:
+    """The device collectives of `group` need: CUDA for NCCL, else CPU."""
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def projected_curvature(

@@ -94,5 +94,34 @@ def test_factor_errors_name_the_argument(generator):
         kfac_factors(features, torch.zeros_like(embeddings), targets)
     with pytest.raises(ValueError, match="no data"):
         kfac_factors(features[:0], embeddings[:0], targets[:0])
+    with pytest.raises(ValueError, match="'distributed' is True"):
+        kfac_factors(features, embeddings, targets, distributed=True)
     with pytest.raises(ValueError, match="'features'"):
         kfac_factors(features.masked_fill(features > 1, float("nan")), embeddings, targets)
+
+
+def _distributed_worker(rank, world, init_file, inputs, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        A, B = kfac_factors(*inputs, "siglip", LOGIT_SCALE, LOGIT_BIAS, class_batch_size=8, bias=True)
+        results[rank] = (A, B)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gloo_run_matches_one_process(generator, tmp_path):
+    # Two CPU processes (gloo) shard the 7 class batches of 8 pairs and all-reduce the sums.
+    import torch.multiprocessing as mp
+
+    inputs = data(53, 5, 4, generator)
+    A_single, B_single = kfac_factors(*inputs, "siglip", LOGIT_SCALE, LOGIT_BIAS, class_batch_size=8, bias=True)
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), inputs, results), nprocs=2, join=True)
+        results = dict(results)
+    for rank in (0, 1):
+        A, B = results[rank]
+        assert rel_error(A, A_single) <= 1e-14 and rel_error(B, B_single) <= 1e-14
+    assert torch.equal(results[0][1], results[1][1])  # every rank holds the same factors
