@@ -3,7 +3,7 @@
 The mathematics is SPEC.md; the README maps each section to the names below.
 """
 
-from . import ops, reference
+from . import capture, ops, reference
 from ._extension import backend, build_info, has_extension
 from .curvature import FactorAccumulator, Likelihood, kfac_factors
 from .distribution import CovarianceForm, EmbeddingDistribution
@@ -17,5 +17,5 @@ __version__ = "0.1.0"
 __all__ = [
     "KronPosterior", "Damping", "kfac_factors", "FactorAccumulator", "Likelihood", "FactorReport", "EmbeddingDistribution", "CovarianceForm", "cosine_moments",
     "Variant", "MomentsOutput", "topk", "Score", "predictive", "Link", "accuracy", "nlpd", "ece", "backend", "build_info", "has_extension", "ops",
-    "reference", "__version__",
+    "reference", "capture", "__version__",
 ]

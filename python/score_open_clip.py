@@ -15,7 +15,6 @@ Nothing is downloaded: the checkpoint is a local file, the tokenizer ships with 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 
 import bayesvlm_ext
 from bayesvlm_ext import KronPosterior, cosine_moments, predictive
+from bayesvlm_ext.capture import ProjectionSite, capture, find_projection
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 PROMPT = "a photo of a {}."
@@ -56,59 +56,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# ---- the projections and the features entering them ---------------------------------------------------
-@contextlib.contextmanager
-def projection_removed(module: nn.Module, name: str):
-    """Set `module.<name>` to None for the duration (open_clip's towers then skip it); always restore it."""
-    saved = getattr(module, name)
-    setattr(module, name, None)
+# ---- the projections and the features entering them (bayesvlm_ext.capture) ------------------------------
+def projection_site(model: nn.Module, tower: str) -> ProjectionSite:
+    """`visual.proj` or `text_projection` (SPEC.md section 1); a clear exit for towers without one."""
     try:
-        yield saved
-    finally:
-        setattr(module, name, saved)
+        site = find_projection(model, tower)
+        site.layer()
+    except ValueError as exc:
+        raise SystemExit(f"{exc} (timm and ModifiedResNet image towers and Hugging Face text towers are not "
+                         "supported by this example)") from exc
+    return site
 
 
-def text_projection_holder(model: nn.Module) -> nn.Module:
-    """The module whose `text_projection` encode_text applies: the CLIP itself, or `model.text` (CustomTextCLIP)."""
-    for holder in (model, getattr(model, "text", None)):
-        if holder is not None and getattr(holder, "text_projection", None) is not None:
-            return holder
-    raise SystemExit(f"{type(model).__name__}: no text_projection found (Hugging Face text towers are not supported)")
-
-
-def projection_layer(projection: nn.Parameter | nn.Linear | None, where: str) -> tuple[Tensor, Tensor | None]:
-    """(weight [D, P], bias [D] or None) of an open_clip projection: a Parameter [P, D] or an nn.Linear."""
-    if isinstance(projection, nn.Linear):
-        return projection.weight.detach(), None if projection.bias is None else projection.bias.detach()
-    if isinstance(projection, Tensor) and projection.dim() == 2:
-        return projection.detach().T, None
-    raise SystemExit(f"{where} is {type(projection).__name__}, not a linear projection: this tower is not supported "
-                     "(timm and ModifiedResNet image towers have no `proj` Parameter)")
-
-
-def apply_projection(
-    projection: nn.Parameter | nn.Linear,
+def project(
+    site: ProjectionSite,
     phi: Tensor,  # [N, P]
-) -> Tensor:  # [N, D] as open_clip applies it
-    return projection(phi) if isinstance(projection, nn.Linear) else phi @ projection
+) -> Tensor:  # [N, D] = phi W^T (+ b), as the tower applies it
+    weight, bias = site.layer()
+    return phi @ weight.T if bias is None else phi @ weight.T + bias
 
 
-@torch.no_grad()
 def image_features(
     model: nn.Module,
     images: Tensor,  # [N, 3, H, W] preprocessed
 ) -> Tensor:  # [N, P] the input of visual.proj
-    with projection_removed(model.visual, "proj"):
-        return model.encode_image(images)
+    return capture(model.encode_image, images, projection_site(model, "image")).features
 
 
-@torch.no_grad()
 def text_features(
     model: nn.Module,
     tokens: Tensor,  # [M, context_length]
 ) -> Tensor:  # [M, P] the input of text_projection
-    with projection_removed(text_projection_holder(model), "text_projection"):
-        return model.encode_text(tokens)
+    return capture(model.encode_text, tokens, projection_site(model, "text")).features
 
 
 # ---- data -------------------------------------------------------------------------------------------
@@ -148,8 +127,8 @@ def encode_folder(
 # ---- scoring ------------------------------------------------------------------------------------------
 def build_posteriors(model: nn.Module, factors: str, device: torch.device) -> tuple[KronPosterior, KronPosterior]:
     """One KronPosterior per tower, MAP weights from the model, factors and lambda, n from `factors`."""
-    weight_img, bias_img = projection_layer(model.visual.proj, "visual.proj")
-    weight_txt, bias_txt = projection_layer(text_projection_holder(model).text_projection, "text_projection")
+    weight_img, bias_img = projection_site(model, "image").layer()
+    weight_txt, bias_txt = projection_site(model, "text").layer()
     posterior_img = KronPosterior.from_bayesvlm_dir(factors, tower="img", weight=weight_img, bias=bias_img,
                                                     map_location=device)
     posterior_txt = KronPosterior.from_bayesvlm_dir(factors, tower="txt", weight=weight_txt, bias=bias_txt,
@@ -261,7 +240,8 @@ def self_test(args: argparse.Namespace) -> int:
         write_test_images(images)
         if args.factors is None:
             os.makedirs(factors)
-            (p_img, d), p_txt = model.visual.proj.shape, text_projection_holder(model).text_projection.shape[0]
+            (d, p_img), p_txt = projection_site(model, "image").layer()[0].shape, \
+                projection_site(model, "text").layer()[0].shape[1]
             write_synthetic_factors(factors, {"A_img": p_img, "B_img": d, "A_txt": p_txt, "B_txt": d},
                                     torch.Generator().manual_seed(0))
         files = image_files(images)
@@ -273,8 +253,8 @@ def self_test(args: argparse.Namespace) -> int:
         # The captured features, projected, must be the model's own unnormalised embeddings.
         pixels = load_pixels(preprocess, files).to(device)
         expected = {"image": model.encode_image(pixels), "text": model.encode_text(tokens)}
-        projected = {"image": apply_projection(model.visual.proj, phi_img),
-                     "text": apply_projection(text_projection_holder(model).text_projection, phi_txt)}
+        projected = {tower: project(projection_site(model, tower), phi)
+                     for tower, phi in (("image", phi_img), ("text", phi_txt))}
         posterior_mean = {"image": posterior_img.embed(phi_img).mean, "text": posterior_txt.embed(phi_txt).mean}
         for tower in ("image", "text"):
             for what, actual in (("features @ proj", projected[tower]), ("posterior mean", posterior_mean[tower])):

@@ -1,0 +1,110 @@
+"""The features entering a tower's last linear map, and the embeddings leaving it (SPEC.md section 1).
+
+A `ProjectionSite` names the Bayesian layer: an attribute of a module holding either an nn.Linear
+or a Parameter [P, D] applied as `x @ P` (open_clip's `visual.proj` and `text_projection`).
+`capture` runs the tower once and returns features [N, P] and embeddings [N, D]:
+- nn.Linear: a forward hook records the layer's input; the embeddings are the tower's output.
+- Parameter: there is no module to hook, so the attribute is set to None for the call (open_clip
+  towers skip a None projection and return the features), and the embeddings are features @ P.
+The model is left exactly as it was (attributes, hooks, training mode), also when the forward raises.
+Supported so far: open_clip `CLIP` (ViT image tower) and `CustomTextCLIP`-style text projections,
+and any module whose projection the caller names. SigLIP's attention-pool residual and the
+Hugging Face towers come with the curvature issue's next step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ProjectionSite", "Captured", "find_projection", "capture"]
+
+
+@dataclass(frozen=True)
+class ProjectionSite:
+    """`getattr(module, name)` is the tower's last linear map: an nn.Linear or a Parameter [P, D]."""
+
+    module: nn.Module
+    name: str
+
+    @property
+    def projection(self) -> nn.Linear | Tensor:
+        projection = getattr(self.module, self.name, None)
+        if isinstance(projection, nn.Linear) or (isinstance(projection, Tensor) and projection.dim() == 2):
+            return projection
+        raise ValueError(f"{type(self.module).__name__}.{self.name} is {type(projection).__name__}, not an "
+                         "nn.Linear or a 2-D Parameter applied as x @ P")
+
+    def layer(self) -> tuple[Tensor, Tensor | None]:  # weight [D, P], bias [D] or None
+        """The layer in the nn.Linear convention (a Parameter [P, D] is returned transposed), detached."""
+        projection = self.projection
+        if isinstance(projection, nn.Linear):
+            return projection.weight.detach(), None if projection.bias is None else projection.bias.detach()
+        return projection.detach().T, None
+
+
+@dataclass
+class Captured:
+    features: Tensor  # [N, P] the input of the projection
+    embeddings: Tensor  # [N, D] the tower's unnormalised output
+
+
+def find_projection(
+    model: nn.Module,
+    tower: str,  # "image" or "text"
+) -> ProjectionSite:
+    """The projection site of an open_clip model's tower: `visual.proj`, or `text_projection` on the
+    model or on `model.text` (CustomTextCLIP). Raises ValueError naming what is missing."""
+    if tower == "image":
+        visual = getattr(model, "visual", None)
+        if visual is not None and getattr(visual, "proj", None) is not None:
+            return ProjectionSite(visual, "proj")
+        raise ValueError(f"{type(model).__name__}: no `visual.proj` projection found; name the image projection "
+                         "with ProjectionSite(module, name)")
+    if tower == "text":
+        for holder in (model, getattr(model, "text", None)):
+            if holder is not None and getattr(holder, "text_projection", None) is not None:
+                return ProjectionSite(holder, "text_projection")
+        raise ValueError(f"{type(model).__name__}: no `text_projection` found; name the text projection with "
+                         "ProjectionSite(module, name)")
+    raise ValueError(f"argument 'tower' must be 'image' or 'text', got {tower!r}")
+
+
+@torch.no_grad()
+def capture(
+    encode: Callable[[Tensor], Tensor],  # the tower's forward, e.g. model.encode_image
+    inputs: Tensor,  # what `encode` takes: [N, 3, H, W] pixels or [N, L] tokens
+    site: ProjectionSite,
+) -> Captured:
+    """Runs `encode(inputs)` once and returns the projection's input and the tower's embeddings."""
+    projection = site.projection  # validates the site before touching the model
+    if isinstance(projection, nn.Linear):
+        recorded: list[Tensor] = []
+        handle = projection.register_forward_hook(lambda module, args, output: recorded.append(args[0].detach()))
+        try:
+            embeddings = encode(inputs)
+        finally:
+            handle.remove()
+        if len(recorded) != 1:
+            raise ValueError(f"{type(site.module).__name__}.{site.name} ran {len(recorded)} times in one forward; "
+                             "expected exactly once")
+        features = recorded[0].reshape(-1, recorded[0].shape[-1])
+        return Captured(features, embeddings)
+    with _attribute_removed(site.module, site.name):
+        features = encode(inputs)
+    return Captured(features, features @ projection)
+
+
+@contextlib.contextmanager
+def _attribute_removed(module: nn.Module, name: str):
+    """`module.<name>` is None inside; always restored (the same object) on the way out."""
+    saved = getattr(module, name)
+    setattr(module, name, None)
+    try:
+        yield saved
+    finally:
+        setattr(module, name, saved)

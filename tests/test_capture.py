@@ -1,0 +1,90 @@
+"""capture: the features entering a tower's projection reproduce the model's own embeddings, and the
+model is left exactly as it was."""
+
+import pytest
+import torch
+from torch import nn
+
+from bayesvlm_ext import capture
+from bayesvlm_ext.capture import ProjectionSite, find_projection
+
+open_clip = pytest.importorskip("open_clip")
+
+
+@pytest.fixture(scope="module")
+def clip_model():
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", pretrained=None)  # random init: no download
+    return model.eval()
+
+
+def state_snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def hooks(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_open_clip_features_reproduce_the_embeddings(clip_model):
+    pixels = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    tokens = open_clip.get_tokenizer("ViT-B-32")(["a red disc", "a checkerboard"])
+    before, hook_count = state_snapshot(clip_model), hooks(clip_model)
+    for tower, encode, inputs in (("image", clip_model.encode_image, pixels), ("text", clip_model.encode_text, tokens)):
+        site = find_projection(clip_model, tower)
+        captured = capture.capture(encode, inputs, site)
+        weight, bias = site.layer()
+        assert bias is None and captured.features.shape == (len(inputs), weight.shape[1])
+        with torch.no_grad():
+            expected = encode(inputs)
+        torch.testing.assert_close(captured.embeddings, expected, rtol=0, atol=0)
+        torch.testing.assert_close(captured.features @ weight.T, expected, rtol=1e-5, atol=1e-6)
+    after = state_snapshot(clip_model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert hooks(clip_model) == hook_count and not clip_model.training
+    assert isinstance(clip_model.visual.proj, nn.Parameter)
+
+
+class TinyTower(nn.Module):
+    """A user's own tower: a trunk, then a named nn.Linear projection with bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(5, 7), nn.GELU())
+        self.head = nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.head(self.trunk(x))
+
+
+def test_named_linear_projection_with_bias():
+    torch.manual_seed(2)
+    tower = TinyTower().train()
+    x = torch.randn(6, 5)
+    captured = capture.capture(tower, x, ProjectionSite(tower, "head"))
+    weight, bias = ProjectionSite(tower, "head").layer()
+    torch.testing.assert_close(captured.features @ weight.T + bias, captured.embeddings, rtol=0, atol=1e-6)
+    torch.testing.assert_close(captured.embeddings, tower(x).detach(), rtol=0, atol=0)
+    assert tower.training and hooks(tower) == 0
+
+
+def test_model_restored_when_the_forward_raises(clip_model):
+    site = find_projection(clip_model, "image")
+    proj = clip_model.visual.proj
+    with pytest.raises(RuntimeError):
+        capture.capture(clip_model.encode_image, torch.randn(2, 3, 17, 5), site)  # wrong image size
+    assert clip_model.visual.proj is proj
+    tower = TinyTower()
+    with pytest.raises(RuntimeError):
+        capture.capture(tower, torch.randn(2, 4), ProjectionSite(tower, "head"))  # wrong width
+    assert hooks(tower) == 0
+
+
+def test_capture_errors_name_what_is_missing():
+    tower = TinyTower()
+    with pytest.raises(ValueError, match="not an nn.Linear"):
+        capture.capture(tower, torch.randn(2, 5), ProjectionSite(tower, "trunk"))
+    with pytest.raises(ValueError, match="visual.proj"):
+        find_projection(tower, "image")
+    with pytest.raises(ValueError, match="'tower'"):
+        find_projection(tower, "audio")
