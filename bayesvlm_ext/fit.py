@@ -1,0 +1,193 @@
+"""Streaming the KFAC factors of both towers over a DataLoader of image-caption pairs (SPEC.md section 6).
+
+`fit_factors(model, loader)` captures, per loader batch, the features entering each tower's projection
+and both towers' embeddings, groups consecutive pairs into class batches of C, and adds each class
+batch to one `FactorAccumulator` per tower (image tower: sources = image embeddings, targets = text
+embeddings; text tower the other way round). Pairs are grouped exactly as `kfac_factors` would group
+the concatenated tensors, so both give the same sums. With `checkpoint=PATH` the sums, the pairs
+waiting for a full class batch and the number of loader batches consumed are saved every
+`checkpoint_every` batches; a later call with the same path resumes and ends with the same factors as
+an uninterrupted run (the loader must yield the same batches in the same order).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .capture import ProjectionSite, capture, find_projection
+from .curvature import DEFAULT_CLASS_BATCH_SIZE, FactorAccumulator, Likelihood
+
+__all__ = ["TowerFactors", "fit_factors"]
+
+TOWERS = ("image", "text")
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TowerFactors:
+    """One tower's factors and what produced them."""
+
+    A: Tensor  # [P, P] ([P+1, P+1] with a bias), float64
+    B: Tensor  # [D, D] float64
+    weight: Tensor  # [D, P] the MAP projection (nn.Linear convention)
+    bias: Tensor | None  # [D]
+    count: int  # pairs seen
+
+
+@dataclass
+class _Pending:
+    """Pairs captured but not yet part of a full class batch, per tower: features, embeddings."""
+
+    parts: dict[str, list[Tensor]] = field(default_factory=lambda: {name: [] for name in _PART_NAMES})
+
+    def __len__(self) -> int:
+        return sum(t.shape[0] for t in self.parts["image_features"])
+
+    def add(self, **tensors: Tensor) -> None:
+        for name, t in tensors.items():
+            self.parts[name].append(t)
+
+    def take(self, rows: int | None = None) -> dict[str, Tensor]:
+        """The first `rows` pending pairs (all when None), removed from the buffer."""
+        merged = {name: torch.cat(ts) for name, ts in self.parts.items()}
+        rows = len(self) if rows is None else rows
+        self.parts = {name: [t[rows:]] for name, t in merged.items()}
+        return {name: t[:rows] for name, t in merged.items()}
+
+
+_PART_NAMES = ("image_features", "image_embeddings", "text_features", "text_embeddings")
+
+
+def fit_factors(
+    model: nn.Module,
+    loader,  # iterable of (images [B, 3, H, W], tokens [B, L]) batches, pair i = (image i, caption i)
+    likelihood: str | Likelihood = "infonce",
+    class_batch_size: int = DEFAULT_CLASS_BATCH_SIZE,
+    logit_scale: float | None = None,  # log s; default: the model's `logit_scale`
+    logit_bias: float | None = None,  # default: the model's `logit_bias`, or 0
+    sites: dict[str, ProjectionSite] | None = None,  # default: find_projection(model, tower)
+    device: torch.device | str | None = None,  # where the batches go; default: the model's device
+    checkpoint: str | os.PathLike | None = None,  # save / resume file
+    checkpoint_every: int = 100,  # loader batches between checkpoints
+    max_batches: int | None = None,  # stop after this many loader batches in total (for resumable runs)
+    progress: bool = True,
+) -> dict[str, TowerFactors]:  # {"image": ..., "text": ...}
+    """Both towers' KFAC factors from a stream of image-caption pairs (SPEC.md section 6).
+
+    Runs the model under torch.no_grad in its current mode (call model.eval() first for the usual
+    setting). The last, possibly smaller, class batch is added when the loader is exhausted; a run
+    stopped by `max_batches` keeps its pending pairs in the checkpoint instead.
+    """
+    if isinstance(class_batch_size, bool) or not isinstance(class_batch_size, int) or class_batch_size < 1:
+        raise ValueError(f"argument 'class_batch_size' must be a positive int, got {class_batch_size!r}")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"argument 'checkpoint_every' must be a positive int, got {checkpoint_every!r}")
+    sites = sites or {tower: find_projection(model, tower) for tower in TOWERS}
+    if set(sites) != set(TOWERS):
+        raise ValueError(f"argument 'sites' must name both towers {TOWERS}, got {sorted(sites)}")
+    layers = {tower: sites[tower].layer() for tower in TOWERS}
+    log_scale = float(logit_scale) if logit_scale is not None else _model_scalar(model, "logit_scale")
+    bias = float(logit_bias) if logit_bias is not None else _model_scalar(model, "logit_bias", 0.0)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    accumulators = {tower: FactorAccumulator(likelihood, log_scale, bias, bias=layers[tower][1] is not None)
+                    for tower in TOWERS}
+    pending, done = _Pending(), 0
+    if checkpoint is not None and os.path.exists(checkpoint):
+        done = _load_checkpoint(checkpoint, accumulators, pending)
+
+    bar = tqdm(total=_length(loader, max_batches), initial=done, disable=not progress, unit="batch",
+               desc="KFAC factors")
+    exhausted = True
+    for index, batch in enumerate(loader):
+        if index < done:  # already in the checkpoint
+            continue
+        if max_batches is not None and index >= max_batches:
+            exhausted = False
+            break
+        images, tokens = batch[0].to(device), batch[1].to(device)
+        captured = {"image": capture(model.encode_image, images, sites["image"]),
+                    "text": capture(model.encode_text, tokens, sites["text"])}
+        pending.add(**{f"{tower}_{kind}": getattr(captured[tower], kind).detach().to("cpu", torch.float64)
+                       for tower in TOWERS for kind in ("features", "embeddings")})
+        while len(pending) >= class_batch_size:
+            _add_class_batch(accumulators, pending.take(class_batch_size))
+        done = index + 1
+        bar.update(1)
+        bar.set_postfix(pairs=accumulators["image"].count + len(pending))
+        if checkpoint is not None and done % checkpoint_every == 0:
+            _save_checkpoint(checkpoint, accumulators, pending, done)
+    bar.close()
+    if exhausted and len(pending):
+        _add_class_batch(accumulators, pending.take())
+    if checkpoint is not None:
+        _save_checkpoint(checkpoint, accumulators, pending, done)
+    if not exhausted:
+        return {}
+    result = {}
+    for tower in TOWERS:
+        A, B = accumulators[tower].factors()
+        weight, layer_bias = layers[tower]
+        result[tower] = TowerFactors(A, B, weight.double().cpu(), None if layer_bias is None else
+                                     layer_bias.double().cpu(), accumulators[tower].count)
+    return result
+
+
+def _add_class_batch(accumulators: dict[str, FactorAccumulator], pairs: dict[str, Tensor]) -> None:
+    accumulators["image"].update(pairs["image_features"], pairs["image_embeddings"], pairs["text_embeddings"])
+    accumulators["text"].update(pairs["text_features"], pairs["text_embeddings"], pairs["image_embeddings"])
+
+
+def _model_scalar(model: nn.Module, name: str, default: float | None = None) -> float:
+    value = getattr(model, name, None)
+    if value is None:
+        if default is None:
+            raise ValueError(f"{type(model).__name__} has no `{name}`: pass argument '{name}'")
+        return default
+    return float(value.detach().reshape(()).item()) if isinstance(value, Tensor) else float(value)
+
+
+def _length(loader, max_batches: int | None) -> int | None:
+    try:
+        total = len(loader)
+    except TypeError:
+        total = None
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+    return total
+
+
+def _save_checkpoint(path, accumulators, pending: _Pending, done: int) -> None:
+    state = {"version": CHECKPOINT_VERSION, "batches_done": done,
+             "pending": {name: torch.cat(ts) if ts else None for name, ts in pending.parts.items()}}
+    for tower, acc in accumulators.items():
+        state[tower] = {"A_sum": acc.A_sum, "B_sum": acc.B_sum, "count": acc.count,
+                        "likelihood": acc.likelihood.value, "scale": acc.scale, "logit_bias": acc.logit_bias,
+                        "bias": acc.bias}
+    tmp = f"{os.fspath(path)}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact
+
+
+def _load_checkpoint(path, accumulators, pending: _Pending) -> int:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"checkpoint {path}: unknown version {state.get('version')!r}")
+    for tower, acc in accumulators.items():
+        saved = state[tower]
+        same = (saved["likelihood"] == acc.likelihood.value and saved["bias"] == acc.bias
+                and math.isclose(saved["scale"], acc.scale, rel_tol=1e-12)
+                and math.isclose(saved["logit_bias"], acc.logit_bias, rel_tol=1e-12, abs_tol=1e-12))
+        if not same:
+            raise ValueError(f"checkpoint {path} was written for another likelihood, logit scale, logit bias or "
+                             f"layer bias than this run ({tower} tower)")
+        acc.A_sum, acc.B_sum, acc.count = saved["A_sum"], saved["B_sum"], saved["count"]
+    for name, t in state["pending"].items():
+        if t is not None:
+            pending.parts[name] = [t]
+    return int(state["batches_done"])
