@@ -6,10 +6,12 @@ or a Parameter [P, D] applied as `x @ P` (open_clip's `visual.proj` and `text_pr
 - nn.Linear: a forward hook records the layer's input; the embeddings are the tower's output.
 - Parameter: there is no module to hook, so the attribute is set to None for the call (open_clip
   towers skip a None projection and return the features), and the embeddings are features @ P.
+- A residual (SigLIP's image tower, `g = z + fc2(h)` inside the attention pool): a second hook
+  records the input of `residual_from`, the module that first reads z (the pool's `norm`).
 The model is left exactly as it was (attributes, hooks, training mode), also when the forward raises.
-Supported so far: open_clip `CLIP` (ViT image tower) and `CustomTextCLIP`-style text projections,
-and any module whose projection the caller names. SigLIP's attention-pool residual and the
-Hugging Face towers come with the curvature issue's next step.
+Found automatically (`find_projection`): open_clip `CLIP` (ViT image tower), `CustomTextCLIP`
+(SigLIP: timm image tower with an attention pool, text `text_projection`); anything else by naming
+the projection. CoCa and the Hugging Face towers come with the curvature issue's next step.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ __all__ = ["ProjectionSite", "Captured", "find_projection", "capture"]
 
 @dataclass(frozen=True)
 class ProjectionSite:
-    """`getattr(module, name)` is the tower's last linear map: an nn.Linear or a Parameter [P, D]."""
+    """`getattr(module, name)` is the tower's last linear map: an nn.Linear or a Parameter [P, D].
+    `residual_from`: a module whose first input is the fixed residual r added to the map's output."""
 
     module: nn.Module
     name: str
+    residual_from: nn.Module | None = None
 
     @property
     def projection(self) -> nn.Linear | Tensor:
@@ -51,6 +55,7 @@ class ProjectionSite:
 class Captured:
     features: Tensor  # [N, P] the input of the projection
     embeddings: Tensor  # [N, D] the tower's unnormalised output
+    residual: Tensor | None = None  # [N, D] the fixed residual r (embeddings = features W^T + b + r)
 
 
 def find_projection(
@@ -63,6 +68,12 @@ def find_projection(
         visual = getattr(model, "visual", None)
         if visual is not None and getattr(visual, "proj", None) is not None:
             return ProjectionSite(visual, "proj")
+        pool = getattr(getattr(visual, "trunk", None), "attn_pool", None)  # open_clip TimmModel (SigLIP)
+        if pool is not None and getattr(pool, "mlp", None) is not None and hasattr(pool.mlp, "fc2"):
+            if getattr(pool, "latent_len", 1) != 1 or _has_layers(getattr(visual, "head", None)):
+                raise ValueError(f"{type(model).__name__}: the attention pool has {pool.latent_len} latents or a "
+                                 "head follows it; name the projection with ProjectionSite(module, name)")
+            return ProjectionSite(pool.mlp, "fc2", residual_from=pool.norm)
         raise ValueError(f"{type(model).__name__}: no `visual.proj` projection found; name the image projection "
                          "with ProjectionSite(module, name)")
     if tower == "text":
@@ -83,20 +94,33 @@ def capture(
     """Runs `encode(inputs)` once and returns the projection's input and the tower's embeddings."""
     projection = site.projection  # validates the site before touching the model
     if isinstance(projection, nn.Linear):
-        recorded: list[Tensor] = []
-        handle = projection.register_forward_hook(lambda module, args, output: recorded.append(args[0].detach()))
+        recorded: dict[str, list[Tensor]] = {"features": [], "residual": []}
+        handles = [projection.register_forward_hook(
+            lambda module, args, output: recorded["features"].append(args[0].detach()))]
+        if site.residual_from is not None:
+            handles.append(site.residual_from.register_forward_hook(
+                lambda module, args, output: recorded["residual"].append(args[0].detach())))
         try:
             embeddings = encode(inputs)
         finally:
-            handle.remove()
-        if len(recorded) != 1:
-            raise ValueError(f"{type(site.module).__name__}.{site.name} ran {len(recorded)} times in one forward; "
-                             "expected exactly once")
-        features = recorded[0].reshape(-1, recorded[0].shape[-1])
-        return Captured(features, embeddings)
+            for handle in handles:
+                handle.remove()
+        expected_calls = {"features": 1, "residual": 1 if site.residual_from is not None else 0}
+        for what, tensors in recorded.items():
+            if len(tensors) != expected_calls[what]:
+                raise ValueError(f"{type(site.module).__name__}.{site.name}: the {what} hook ran {len(tensors)} "
+                                 f"times in one forward; expected {expected_calls[what]}")
+        features = recorded["features"][0].reshape(-1, recorded["features"][0].shape[-1])
+        residual = recorded["residual"][0].reshape(embeddings.shape) if recorded["residual"] else None
+        return Captured(features, embeddings, residual)
     with _attribute_removed(site.module, site.name):
         features = encode(inputs)
     return Captured(features, features @ projection)
+
+
+def _has_layers(module: nn.Module | None) -> bool:
+    """True when `module` does something (an empty nn.Sequential or nn.Identity does not)."""
+    return module is not None and not isinstance(module, nn.Identity) and any(True for _ in module.parameters())
 
 
 @contextlib.contextmanager

@@ -88,3 +88,32 @@ def test_capture_errors_name_what_is_missing():
         find_projection(tower, "image")
     with pytest.raises(ValueError, match="'tower'"):
         find_projection(tower, "audio")
+
+
+def test_siglip_image_tower_residual_and_text_linear():
+    # SigLIP: the image tower's last linear map is the attention pool's mlp.fc2 (with bias) inside a
+    # residual, g = z + fc2(h); the text tower ends in an nn.Linear with bias (SPEC.md section 1).
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-16-SigLIP", pretrained=None).eval()
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    # Its tokenizer needs the Hugging Face tokenizers package; random token ids serve a random-init model.
+    vocab, length = model.text.token_embedding.num_embeddings, model.text.context_length
+    tokens = torch.randint(1, vocab, (2, length), generator=torch.Generator().manual_seed(5))
+    hook_count = hooks(model)
+    site = find_projection(model, "image")
+    captured = capture.capture(model.encode_image, pixels, site)
+    weight, bias = site.layer()
+    assert bias is not None and captured.residual is not None and captured.residual.shape == captured.embeddings.shape
+    with torch.no_grad():
+        expected = model.encode_image(pixels)
+    torch.testing.assert_close(captured.embeddings, expected, rtol=0, atol=0)
+    # The residual is z itself (recorded where the pool first reads it), not the difference: the identity
+    # g = h W^T + b + z is a real check of the structure.
+    torch.testing.assert_close(captured.features @ weight.T + bias + captured.residual, expected, rtol=1e-5,
+                               atol=1e-5)
+    text_site = find_projection(model, "text")
+    text = capture.capture(model.encode_text, tokens, text_site)
+    w_txt, b_txt = text_site.layer()
+    assert b_txt is not None and text.residual is None
+    torch.testing.assert_close(text.features @ w_txt.T + b_txt, text.embeddings, rtol=1e-5, atol=1e-5)
+    assert hooks(model) == hook_count
