@@ -9,9 +9,11 @@ or a Parameter [P, D] applied as `x @ P` (open_clip's `visual.proj` and `text_pr
 - A residual (SigLIP's image tower, `g = z + fc2(h)` inside the attention pool): a second hook
   records the input of `residual_from`, the module that first reads z (the pool's `norm`).
 The model is left exactly as it was (attributes, hooks, training mode), also when the forward raises.
-Found automatically (`find_projection`): open_clip `CLIP` (ViT image tower), `CustomTextCLIP`
+Found automatically (`find_projection`): open_clip `CLIP` (ViT image tower), `CoCa`, `CustomTextCLIP`
 (SigLIP: timm image tower with an attention pool, text `text_projection`); anything else by naming
-the projection. CoCa and the Hugging Face towers come with the curvature issue's next step.
+the projection. Pass an encoder that returns unnormalised embeddings (CoCa's `encode_image`
+normalises by default: use `normalize=False`; `fit.unnormalised_encoder` does this). The Hugging
+Face towers come with the curvature issue's next step.
 """
 
 from __future__ import annotations

@@ -12,8 +12,11 @@ an uninterrupted run (the loader must yield the same batches in the same order).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import os
+from typing import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -95,6 +98,7 @@ def fit_factors(
     log_scale = float(logit_scale) if logit_scale is not None else _model_scalar(model, "logit_scale")
     bias = float(logit_bias) if logit_bias is not None else _model_scalar(model, "logit_bias", 0.0)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    encoders = {tower: unnormalised_encoder(model, tower) for tower in TOWERS}
     accumulators = {tower: FactorAccumulator(likelihood, log_scale, bias, bias=layers[tower][1] is not None)
                     for tower in TOWERS}
     pending, done = _Pending(), 0
@@ -111,8 +115,8 @@ def fit_factors(
             exhausted = False
             break
         images, tokens = batch[0].to(device), batch[1].to(device)
-        captured = {"image": capture(model.encode_image, images, sites["image"]),
-                    "text": capture(model.encode_text, tokens, sites["text"])}
+        captured = {"image": capture(encoders["image"], images, sites["image"]),
+                    "text": capture(encoders["text"], tokens, sites["text"])}
         pending.add(**{f"{tower}_{kind}": getattr(captured[tower], kind).detach().to("cpu", torch.float64)
                        for tower in TOWERS for kind in ("features", "embeddings")})
         while len(pending) >= class_batch_size:
@@ -136,6 +140,15 @@ def fit_factors(
         result[tower] = TowerFactors(A, B, weight.double().cpu(), None if layer_bias is None else
                                      layer_bias.double().cpu(), accumulators[tower].count)
     return result
+
+
+def unnormalised_encoder(model: nn.Module, tower: str) -> Callable[[Tensor], Tensor]:
+    """model.encode_image / encode_text returning the unnormalised embedding g: open_clip's CoCa
+    normalises by default, and the curvature needs ||g|| (SPEC.md section 6)."""
+    encode = getattr(model, f"encode_{tower}")
+    if "normalize" in inspect.signature(encode).parameters:
+        return functools.partial(encode, normalize=False)
+    return encode
 
 
 def _add_class_batch(accumulators: dict[str, FactorAccumulator], pairs: dict[str, Tensor]) -> None:

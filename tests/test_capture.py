@@ -117,3 +117,22 @@ def test_siglip_image_tower_residual_and_text_linear():
     assert b_txt is not None and text.residual is None
     torch.testing.assert_close(text.features @ w_txt.T + b_txt, text.embeddings, rtol=1e-5, atol=1e-5)
     assert hooks(model) == hook_count
+
+
+def test_coca_towers_with_the_unnormalised_encoders():
+    from bayesvlm_ext.fit import unnormalised_encoder
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("coca_ViT-B-32", pretrained=None).eval()
+    inputs = {"image": torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(6)),
+              "text": open_clip.get_tokenizer("coca_ViT-B-32")(["a red disc", "a checkerboard"])}
+    for tower, x in inputs.items():
+        encode = unnormalised_encoder(model, tower)  # CoCa normalises unless told not to
+        site = find_projection(model, tower)
+        captured = capture.capture(encode, x, site)
+        weight, bias = site.layer()
+        with torch.no_grad():
+            expected = encode(x)
+        assert not torch.allclose(expected.norm(dim=1), torch.ones(2))  # really unnormalised
+        torch.testing.assert_close(captured.embeddings, expected, rtol=0, atol=0)
+        torch.testing.assert_close(captured.features @ weight.T, expected, rtol=1e-5, atol=1e-6)
