@@ -12,8 +12,9 @@ The model is left exactly as it was (attributes, hooks, training mode), also whe
 Found automatically (`find_projection`): open_clip `CLIP` (ViT image tower), `CoCa`, `CustomTextCLIP`
 (SigLIP: timm image tower with an attention pool, text `text_projection`); anything else by naming
 the projection. Pass an encoder that returns unnormalised embeddings (CoCa's `encode_image`
-normalises by default: use `normalize=False`; `fit.unnormalised_encoder` does this). The Hugging
-Face towers come with the curvature issue's next step.
+normalises by default: use `normalize=False`; `fit.unnormalised_encoder` does this). Hugging Face
+`CLIPModel` (visual_projection, text_projection) and `SiglipModel` (the vision head's mlp.fc2 inside
+its residual, text_model.head) are recognised by their attribute names.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ def find_projection(
 ) -> ProjectionSite:
     """The projection site of an open_clip model's tower: `visual.proj`, or `text_projection` on the
     model or on `model.text` (CustomTextCLIP). Raises ValueError naming what is missing."""
+    hf = _hugging_face_site(model, tower)
+    if hf is not None:
+        return hf
     if tower == "image":
         visual = getattr(model, "visual", None)
         if visual is not None and getattr(visual, "proj", None) is not None:
@@ -118,6 +122,22 @@ def capture(
     with _attribute_removed(site.module, site.name):
         features = encode(inputs)
     return Captured(features, features @ projection)
+
+
+def _hugging_face_site(model: nn.Module, tower: str) -> ProjectionSite | None:
+    """Hugging Face CLIPModel (visual_projection / text_projection) and SiglipModel (vision head's
+    mlp.fc2 inside its residual; text_model.head), recognised by their attribute names."""
+    if tower not in ("image", "text"):
+        return None
+    if isinstance(getattr(model, "visual_projection", None), nn.Linear):  # CLIPModel
+        return ProjectionSite(model, "visual_projection" if tower == "image" else "text_projection")
+    vision, text = getattr(model, "vision_model", None), getattr(model, "text_model", None)
+    head = getattr(vision, "head", None)
+    if tower == "image" and head is not None and hasattr(getattr(head, "mlp", None), "fc2"):  # SiglipModel
+        return ProjectionSite(head.mlp, "fc2", residual_from=head.layernorm)
+    if tower == "text" and head is not None and isinstance(getattr(text, "head", None), nn.Linear):
+        return ProjectionSite(text, "head")
+    return None
 
 
 def _has_layers(module: nn.Module | None) -> bool:

@@ -143,12 +143,27 @@ def fit_factors(
 
 
 def unnormalised_encoder(model: nn.Module, tower: str) -> Callable[[Tensor], Tensor]:
-    """model.encode_image / encode_text returning the unnormalised embedding g: open_clip's CoCa
-    normalises by default, and the curvature needs ||g|| (SPEC.md section 6)."""
-    encode = getattr(model, f"encode_{tower}")
-    if "normalize" in inspect.signature(encode).parameters:
-        return functools.partial(encode, normalize=False)
-    return encode
+    """The tower's forward returning the unnormalised embedding g [N, D] (SPEC.md section 6 needs ||g||).
+
+    open_clip: encode_image / encode_text with normalize=False (CoCa normalises by default). Hugging
+    Face: get_image_features(pixel_values=) / get_text_features(input_ids=), whose result may be a
+    model output holding the embedding in `pooler_output`.
+    """
+    encode = getattr(model, f"encode_{tower}", None)
+    if encode is not None:
+        if "normalize" in inspect.signature(encode).parameters:
+            return functools.partial(encode, normalize=False)
+        return encode
+    features = getattr(model, f"get_{tower}_features", None)
+    if features is None:
+        raise ValueError(f"{type(model).__name__} has neither encode_{tower} nor get_{tower}_features")
+    keyword = "pixel_values" if tower == "image" else "input_ids"
+
+    def encode_hf(inputs: Tensor) -> Tensor:
+        output = features(**{keyword: inputs})
+        return output if isinstance(output, Tensor) else output.pooler_output
+
+    return encode_hf
 
 
 def _add_class_batch(accumulators: dict[str, FactorAccumulator], pairs: dict[str, Tensor]) -> None:

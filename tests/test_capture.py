@@ -136,3 +136,36 @@ def test_coca_towers_with_the_unnormalised_encoders():
         assert not torch.allclose(expected.norm(dim=1), torch.ones(2))  # really unnormalised
         torch.testing.assert_close(captured.embeddings, expected, rtol=0, atol=0)
         torch.testing.assert_close(captured.features @ weight.T, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_hugging_face_clip_and_siglip():
+    transformers = pytest.importorskip("transformers")
+    from bayesvlm_ext.fit import unnormalised_encoder
+
+    torch.manual_seed(0)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=30,
+                  patch_size=6)
+    text = dict(hidden_size=32, intermediate_size=29, num_hidden_layers=2, num_attention_heads=4, vocab_size=99,
+                max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    models = {
+        "clip": transformers.CLIPModel(transformers.CLIPConfig(vision_config=vision, text_config=text,
+                                                               projection_dim=16)).eval(),
+        "siglip": transformers.SiglipModel(transformers.SiglipConfig(vision_config=vision, text_config=text)).eval(),
+    }
+    inputs = {"image": torch.randn(3, 3, 30, 30, generator=torch.Generator().manual_seed(7)),
+              "text": torch.randint(2, 99, (3, 16), generator=torch.Generator().manual_seed(8))}
+    for name, model in models.items():
+        for tower, x in inputs.items():
+            encode = unnormalised_encoder(model, tower)
+            site = find_projection(model, tower)
+            captured = capture.capture(encode, x, site)
+            weight, bias = site.layer()
+            with torch.no_grad():
+                expected = encode(x)
+            torch.testing.assert_close(captured.embeddings, expected, rtol=0, atol=0)
+            rebuilt = captured.features @ weight.T + (0 if bias is None else bias)
+            if captured.residual is not None:
+                rebuilt = rebuilt + captured.residual
+            torch.testing.assert_close(rebuilt, expected, rtol=1e-5, atol=1e-5)
+            assert (captured.residual is not None) == (name == "siglip" and tower == "image")
+            assert (bias is not None) == (name == "siglip")

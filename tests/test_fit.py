@@ -63,3 +63,22 @@ def test_fit_errors(model_and_batches):
         fit_factors(model, batches, class_batch_size=0, progress=False)
     with pytest.raises(ValueError, match="'sites'"):
         fit_factors(model, batches, sites={"image": find_projection(model, "image")}, progress=False)
+
+
+def test_fit_factors_on_a_hugging_face_siglip():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, image_size=30,
+                  patch_size=6)
+    text = dict(hidden_size=32, intermediate_size=29, num_hidden_layers=1, num_attention_heads=4, vocab_size=99,
+                max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    model = transformers.SiglipModel(transformers.SiglipConfig(vision_config=vision, text_config=text)).eval()
+    g = torch.Generator().manual_seed(9)
+    batches = [(torch.randn(5, 3, 30, 30, generator=g), torch.randint(2, 99, (5, 16), generator=g)) for _ in range(2)]
+    result = fit_factors(model, batches, likelihood="siglip", class_batch_size=4, progress=False)
+    # The image tower's layer is the head's fc2 with its bias: A has the bias row and column.
+    assert result["image"].A.shape == (38, 38) and result["image"].bias is not None
+    assert result["text"].A.shape == (33, 33) and result["image"].count == 10
+    for tower in ("image", "text"):
+        eigenvalues = torch.linalg.eigvalsh(result[tower].B)
+        assert eigenvalues.min() >= -1e-10 * eigenvalues.max() and eigenvalues.max() > 0
