@@ -65,20 +65,13 @@ __device__ inline Operand<T> make_operand(const void* ptr, int64_t rows, int64_t
 
 #ifdef BAYESVLM_EXT_HAS_WMMA
 
-template <typename scalar_t>
-struct Wmma16Math {
-  static_assert(std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>);
-  using smem_t = scalar_t;  // same bits as __half / __nv_bfloat16
-  using frag_elem_t = std::conditional_t<std::is_same_v<scalar_t, c10::Half>, __half, __nv_bfloat16>;
-  static constexpr int kLd = kSlab + 8;
-  static constexpr int kOperandElems = kTile * kLd;
-  static constexpr bool kRawStore = true;  // staged as loaded: 16-byte chunks copy straight through
-
-  __device__ static int offset(int row, int k) { return row * kLd + k; }
-  __device__ static smem_t convert(scalar_t v) { return v; }
-
+// The warp layout both tensor-core policies share: warp w owns the 32 x 32 quarter (w / 2, w % 2)
+// of the tile as 2 x 2 wmma fragments of 16 x 16, in K steps of kK. `precision_t` is the fragment
+// element type (__half, __nv_bfloat16 or wmma::precision::tf32), `load_t` what shared memory holds.
+template <typename precision_t, typename load_t, int kK, int kLd>
+struct WmmaWarpTiles {
   struct Acc {
-    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> f[2][2];
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, kK, float> f[2][2];
   };
 
   __device__ static void zero(Acc& acc) {
@@ -88,15 +81,16 @@ struct Wmma16Math {
       for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc.f[i][j], 0.0f);
   }
 
+  template <typename smem_t>
   __device__ static void mma(Acc& acc, const smem_t* sa, const smem_t* sb) {
     using namespace nvcuda;
     const int warp = threadIdx.x / 32;
-    const auto* a = reinterpret_cast<const frag_elem_t*>(sa) + (warp / 2) * 32 * kLd;
-    const auto* b = reinterpret_cast<const frag_elem_t*>(sb) + (warp % 2) * 32 * kLd;
+    const auto* a = reinterpret_cast<const load_t*>(sa) + (warp / 2) * 32 * kLd;
+    const auto* b = reinterpret_cast<const load_t*>(sb) + (warp % 2) * 32 * kLd;
 #pragma unroll
-    for (int kk = 0; kk < kSlab; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, frag_elem_t, wmma::row_major> fa[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, frag_elem_t, wmma::col_major> fb[2];  // B[k][n] = y[n][k]
+    for (int kk = 0; kk < kSlab; kk += kK) {
+      wmma::fragment<wmma::matrix_a, 16, 16, kK, precision_t, wmma::row_major> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, kK, precision_t, wmma::col_major> fb[2];  // B[k][n] = y[n][k]
 #pragma unroll
       for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], a + i * 16 * kLd + kk, kLd);
 #pragma unroll
@@ -120,7 +114,22 @@ struct Wmma16Math {
   }
 };
 
-struct Tf32Math {
+template <typename scalar_t>
+using half_or_bf16_t = std::conditional_t<std::is_same_v<scalar_t, c10::Half>, __half, __nv_bfloat16>;
+
+template <typename scalar_t>
+struct Wmma16Math : WmmaWarpTiles<half_or_bf16_t<scalar_t>, half_or_bf16_t<scalar_t>, 16, kSlab + 8> {
+  static_assert(std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>);
+  using smem_t = scalar_t;  // same bits as __half / __nv_bfloat16
+  static constexpr int kLd = kSlab + 8;
+  static constexpr int kOperandElems = kTile * kLd;
+  static constexpr bool kRawStore = true;  // staged as loaded: 16-byte chunks copy straight through
+
+  __device__ static int offset(int row, int k) { return row * kLd + k; }
+  __device__ static smem_t convert(scalar_t v) { return v; }
+};
+
+struct Tf32Math : WmmaWarpTiles<nvcuda::wmma::precision::tf32, float, 8, kSlab + 4> {
   using smem_t = float;
   static constexpr int kLd = kSlab + 4;
   static constexpr int kOperandElems = kTile * kLd;
@@ -129,48 +138,6 @@ struct Tf32Math {
   __device__ static int offset(int row, int k) { return row * kLd + k; }
   // Rounded once when staged, so the fragments need no per-load conversion.
   __device__ static smem_t convert(float v) { return nvcuda::wmma::__float_to_tf32(v); }
-
-  struct Acc {
-    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float> f[2][2];
-  };
-
-  __device__ static void zero(Acc& acc) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc.f[i][j], 0.0f);
-  }
-
-  __device__ static void mma(Acc& acc, const smem_t* sa, const smem_t* sb) {
-    using namespace nvcuda;
-    const int warp = threadIdx.x / 32;
-    const float* a = sa + (warp / 2) * 32 * kLd;
-    const float* b = sb + (warp % 2) * 32 * kLd;
-#pragma unroll
-    for (int kk = 0; kk < kSlab; kk += 8) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fb[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], a + i * 16 * kLd + kk, kLd);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], b + j * 16 * kLd + kk, kLd);
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc.f[i][j], fa[i], fb[j], acc.f[i][j]);
-    }
-  }
-
-  __device__ static void store(const Acc& acc, float* tile) {
-    const int warp = threadIdx.x / 32;
-    float* base = tile + (warp / 2) * 32 * kAccLd + (warp % 2) * 32;
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-        nvcuda::wmma::store_matrix_sync(base + i * 16 * kAccLd + j * 16, acc.f[i][j], kAccLd,
-                                        nvcuda::wmma::mem_row_major);
-  }
 };
 
 #else
