@@ -85,7 +85,7 @@ def fit_factors(
 
     Runs the model under torch.no_grad in its current mode (call model.eval() first for the usual
     setting). The last, possibly smaller, class batch is added when the loader is exhausted; a run
-    stopped by `max_batches` keeps its pending pairs in the checkpoint instead.
+    stopped by `max_batches` keeps its pending pairs in the checkpoint instead and returns {}.
     """
     if isinstance(class_batch_size, bool) or not isinstance(class_batch_size, int) or class_batch_size < 1:
         raise ValueError(f"argument 'class_batch_size' must be a positive int, got {class_batch_size!r}")

@@ -46,7 +46,8 @@ def assert_close_to_oracle(name: str, actual: Tensor, oracle: Tensor, dtype: tor
     assert error <= bound, f"{name}: max abs error {error:.3g} exceeds {bound:.3g}"
 
 
-def run_timed(benchmark, fn, device: torch.device, role: str, key: str, kind: str, dtype=torch.float32):
+def run_timed(benchmark, fn, device: torch.device, role: str, key: str, kind: str, dtype=torch.float32,
+              rounds: int = ROUNDS, warmup_rounds: int = 1):
     """Time fn() with pedantic rounds, synchronising on CUDA, and record what the report needs."""
     def call():
         result = fn()
@@ -56,7 +57,7 @@ def run_timed(benchmark, fn, device: torch.device, role: str, key: str, kind: st
     benchmark.extra_info.update(role=role, key=key, kind=kind, dtype=str(dtype).replace("torch.", ""),
                                 device=str(device), backend=bayesvlm_ext.backend(device),
                                 threads=torch.get_num_threads(), shape=shapes(device)[kind])
-    return benchmark.pedantic(call, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    return benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
 
 
 def with_mean_dtype(dist: EmbeddingDistribution, dtype: torch.dtype) -> EmbeddingDistribution:
@@ -277,9 +278,6 @@ def test_kfac_factors(benchmark, kfac_inputs, device, impl):
         assert_close_to_oracle("kfac_factors A", A_small, A_ref, torch.float64)
         run_timed(benchmark, fast, device, "candidate", "fast", "kfac", torch.float64)
         return
-    benchmark.extra_info.update(role="baseline", key="per_sample", kind="kfac", dtype="float64", device=str(device),
-                                backend=bayesvlm_ext.backend(device), threads=torch.get_num_threads(),
-                                shape=shapes(device)["kfac"])
-    benchmark.pedantic(lambda: reference.kfac_factors_per_sample(*kfac_inputs, "infonce", LOGIT_SCALE,
-                                                                 class_batch_size=c), rounds=1, iterations=1,
-                       warmup_rounds=0)
+    run_timed(benchmark, partial(reference.kfac_factors_per_sample, *kfac_inputs, "infonce", LOGIT_SCALE,
+                                 class_batch_size=c), device, "baseline", "per_sample", "kfac", torch.float64,
+              rounds=1, warmup_rounds=0)

@@ -3,6 +3,7 @@ model is left exactly as it was."""
 
 import pytest
 import torch
+from testing import tiny_hugging_face_configs
 from torch import nn
 
 from bayesvlm_ext import capture
@@ -143,10 +144,7 @@ def test_hugging_face_clip_and_siglip():
     from bayesvlm_ext.fit import unnormalised_encoder
 
     torch.manual_seed(0)
-    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=30,
-                  patch_size=6)
-    text = dict(hidden_size=32, intermediate_size=29, num_hidden_layers=2, num_attention_heads=4, vocab_size=99,
-                max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision, text = tiny_hugging_face_configs()
     models = {
         "clip": transformers.CLIPModel(transformers.CLIPConfig(vision_config=vision, text_config=text,
                                                                projection_dim=16)).eval(),

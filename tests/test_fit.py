@@ -3,6 +3,7 @@ and a run stopped and resumed from its checkpoint ends with the same factors as 
 
 import pytest
 import torch
+from testing import tiny_hugging_face_configs
 
 from bayesvlm_ext import kfac_factors
 from bayesvlm_ext.capture import capture, find_projection
@@ -68,10 +69,7 @@ def test_fit_errors(model_and_batches):
 def test_fit_factors_on_a_hugging_face_siglip():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, image_size=30,
-                  patch_size=6)
-    text = dict(hidden_size=32, intermediate_size=29, num_hidden_layers=1, num_attention_heads=4, vocab_size=99,
-                max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision, text = tiny_hugging_face_configs()
     model = transformers.SiglipModel(transformers.SiglipConfig(vision_config=vision, text_config=text)).eval()
     g = torch.Generator().manual_seed(9)
     batches = [(torch.randn(5, 3, 30, 30, generator=g), torch.randint(2, 99, (5, 16), generator=g)) for _ in range(2)]

@@ -17,3 +17,13 @@ def spd(n: int, generator: torch.Generator, *, rank: int | None = None, dtype=to
     x = torch.randn(rows, n, generator=generator, dtype=torch.float64)
     x = x * torch.logspace(0, -1.5, n, dtype=torch.float64)[None, :]
     return (x.T @ x / rows).to(dtype)
+
+
+def tiny_hugging_face_configs() -> tuple[dict, dict]:
+    """(vision, text) keyword configs of a tiny random-init Hugging Face CLIP / SigLIP: 30-pixel images
+    in 6-pixel patches, 16-token texts over 99 ids (0 and 1 are the special tokens), width 32."""
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, image_size=30,
+                  patch_size=6)
+    text = dict(hidden_size=32, intermediate_size=29, num_hidden_layers=1, num_attention_heads=4, vocab_size=99,
+                max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return vision, text
