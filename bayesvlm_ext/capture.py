@@ -9,7 +9,8 @@ or a Parameter [P, D] applied as `x @ P` (open_clip's `visual.proj` and `text_pr
 - A residual (SigLIP's image tower, `g = z + fc2(h)` inside the attention pool): a second hook
   records the input of `residual_from`, the module that first reads z (the pool's `norm`).
 The model is left exactly as it was (attributes, hooks, training mode), also when the forward raises.
-Found automatically (`find_projection`): open_clip `CLIP` (ViT image tower), `CoCa`, `CustomTextCLIP`
+Found automatically (`find_projection`): open_clip `CLIP` (ViT image tower `visual.proj`; timm towers such
+as ConvNeXt: `visual.head.proj`, or the last layer `visual.head.mlp.fc2`), `CoCa`, `CustomTextCLIP`
 (SigLIP: timm image tower with an attention pool, text `text_projection`); anything else by naming
 the projection. Pass an encoder that returns unnormalised embeddings (CoCa's `encode_image`
 normalises by default: use `normalize=False`; `fit.unnormalised_encoder` does this). Hugging Face
@@ -65,8 +66,8 @@ def find_projection(
     model: nn.Module,
     tower: str,  # "image" or "text"
 ) -> ProjectionSite:
-    """The projection site of an open_clip model's tower: `visual.proj`, or `text_projection` on the
-    model or on `model.text` (CustomTextCLIP). Raises ValueError naming what is missing."""
+    """The projection site of a model's tower (see the module docstring for the families recognised).
+    Raises ValueError naming what is missing."""
     hf = _hugging_face_site(model, tower)
     if hf is not None:
         return hf
@@ -74,6 +75,11 @@ def find_projection(
         visual = getattr(model, "visual", None)
         if visual is not None and getattr(visual, "proj", None) is not None:
             return ProjectionSite(visual, "proj")
+        head = getattr(visual, "head", None)  # open_clip TimmModel (ConvNeXt): head = [drop, proj] or [drop, mlp]
+        if isinstance(getattr(head, "proj", None), nn.Linear):
+            return ProjectionSite(head, "proj")
+        if isinstance(getattr(getattr(head, "mlp", None), "fc2", None), nn.Linear):
+            return ProjectionSite(head.mlp, "fc2")
         pool = getattr(getattr(visual, "trunk", None), "attn_pool", None)  # open_clip TimmModel (SigLIP)
         if pool is not None and getattr(pool, "mlp", None) is not None and hasattr(pool.mlp, "fc2"):
             if getattr(pool, "latent_len", 1) != 1 or _has_layers(getattr(visual, "head", None)):

@@ -120,6 +120,26 @@ def test_siglip_image_tower_residual_and_text_linear():
     assert hooks(model) == hook_count
 
 
+def test_convnext_image_tower_through_its_timm_head():
+    # open_clip's ConvNeXt CLIP: a timm trunk, then head = [dropout, proj]; proj is an nn.Linear.
+    torch.manual_seed(0)
+    model = open_clip.create_model("convnext_tiny", pretrained=None).eval()
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    before = state_snapshot(model)
+    site = find_projection(model, "image")
+    assert site.module is model.visual.head and site.name == "proj"
+    captured = capture.capture(model.encode_image, pixels, site)
+    weight, bias = site.layer()
+    with torch.no_grad():
+        expected = model.encode_image(pixels)
+    torch.testing.assert_close(captured.embeddings, expected, rtol=0, atol=0)
+    torch.testing.assert_close(captured.features @ weight.T + (0 if bias is None else bias), expected, rtol=1e-5,
+                               atol=1e-5)
+    assert captured.residual is None and hooks(model) == 0
+    after = state_snapshot(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_coca_towers_with_the_unnormalised_encoders():
     from bayesvlm_ext.fit import unnormalised_encoder
 
