@@ -91,7 +91,8 @@ class FactorAccumulator:
         """
         import torch.distributed as dist
 
-        device = self.A_sum.device if self.A_sum is not None else _collective_device(group)
+        device = collective_device(group)  # NCCL reduces CUDA tensors only; the sums come back where they were
+        home = self.A_sum.device if self.A_sum is not None else torch.device("cpu")
         sizes = torch.tensor([0 if self.A_sum is None else self.A_sum.shape[0],
                               0 if self.B_sum is None else self.B_sum.shape[0], self.count],
                              dtype=torch.float64, device=device)
@@ -101,15 +102,17 @@ class FactorAccumulator:
         if p == 0:
             raise ValueError("no data accumulated on any rank: nothing to all-reduce")
         if self.A_sum is None:
-            self.A_sum = torch.zeros(p, p, dtype=torch.float64, device=device)
-            self.B_sum = torch.zeros(d, d, dtype=torch.float64, device=device)
+            A_sum = torch.zeros(p, p, dtype=torch.float64, device=device)
+            B_sum = torch.zeros(d, d, dtype=torch.float64, device=device)
         elif self.A_sum.shape != (p, p) or self.B_sum.shape != (d, d):
             raise ValueError(f"ranks accumulated different sizes: A {tuple(self.A_sum.shape)} here, [{p}, {p}] "
                              "elsewhere")
+        else:
+            A_sum, B_sum = self.A_sum.to(device), self.B_sum.to(device)
         count = sizes[2:].clone()
-        for t in (self.A_sum, self.B_sum, count):
+        for t in (A_sum, B_sum, count):
             dist.all_reduce(t, group=group)
-        self.count = int(count.item())
+        self.A_sum, self.B_sum, self.count = A_sum.to(home), B_sum.to(home), int(count.item())
 
     def factors(self) -> tuple[Tensor, Tensor]:  # A [p, p], B [D, D], float64
         """(A, B) = (sum phi phi^T, sum H) / sqrt(N) over everything accumulated."""
@@ -144,7 +147,7 @@ def kfac_factors(
     n = _check_batch(features, embeddings, targets)
     if isinstance(class_batch_size, bool) or not isinstance(class_batch_size, int) or class_batch_size < 1:
         raise ValueError(f"argument 'class_batch_size' must be a positive int, got {class_batch_size!r}")
-    rank, world = _distributed_rank(distributed, group)
+    rank, world = distributed_rank(distributed, group)
     accumulator = FactorAccumulator(likelihood, logit_scale, logit_bias, bias)
     for batch, start in enumerate(range(0, n, class_batch_size)):
         if batch % world == rank:
@@ -155,7 +158,7 @@ def kfac_factors(
     return accumulator.factors()
 
 
-def _distributed_rank(distributed: bool | None, group) -> tuple[int, int]:
+def distributed_rank(distributed: bool | None, group) -> tuple[int, int]:
     """(rank, world size) for sharding, (0, 1) when not distributed."""
     import torch.distributed as dist
 
@@ -170,7 +173,7 @@ def _distributed_rank(distributed: bool | None, group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _collective_device(group) -> torch.device:
+def collective_device(group) -> torch.device:
     """The device collectives of `group` need: CUDA for NCCL, else CPU."""
     import torch.distributed as dist
 

@@ -8,6 +8,11 @@ the concatenated tensors, so both give the same sums. With `checkpoint=PATH` the
 waiting for a full class batch and the number of loader batches consumed are saved every
 `checkpoint_every` batches; a later call with the same path resumes and ends with the same factors as
 an uninterrupted run (the loader must yield the same batches in the same order).
+
+Distributed (under `torchrun`, any backend): each rank passes a loader over its own share of the
+class batches, built with `ClassBatchSampler` (class batches r, r + K, ... of K ranks, loader batches
+that never straddle a class batch); the sums are all-reduced at the end and every rank returns the
+single-process factors, up to float64 summation order. Checkpoints are then per rank.
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .capture import ProjectionSite, capture, find_projection
-from .curvature import DEFAULT_CLASS_BATCH_SIZE, FactorAccumulator, Likelihood
+from .curvature import DEFAULT_CLASS_BATCH_SIZE, FactorAccumulator, Likelihood, collective_device, distributed_rank
 
-__all__ = ["TowerFactors", "fit_factors"]
+__all__ = ["TowerFactors", "ClassBatchSampler", "fit_factors"]
 
 TOWERS = ("image", "text")
 CHECKPOINT_VERSION = 1
@@ -67,6 +72,46 @@ class _Pending:
 _PART_NAMES = ("image_features", "image_embeddings", "text_features", "text_embeddings")
 
 
+class ClassBatchSampler(torch.utils.data.Sampler):
+    """A DataLoader batch sampler over pairs 0..num_pairs-1 that keeps class batches whole.
+
+    Class batch k holds the pairs [k C, (k + 1) C). This rank's loader batches cover the class
+    batches rank, rank + K, rank + 2K, ... (K = world_size), in order, in loader batches of at most
+    `batch_size` pairs that never straddle a class batch. With one rank it yields every pair in
+    order. Use: `DataLoader(dataset, batch_sampler=ClassBatchSampler(len(dataset), C, 64))`.
+    rank and world_size default to torch.distributed's when it is initialised, else 0 and 1.
+    """
+
+    def __init__(self, num_pairs: int, class_batch_size: int, batch_size: int, rank: int | None = None,
+                 world_size: int | None = None):
+        for name, value, low in (("num_pairs", num_pairs, 0), ("class_batch_size", class_batch_size, 1),
+                                 ("batch_size", batch_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"argument '{name}' must be an int >= {low}, got {value!r}")
+        if (rank is None) != (world_size is None):
+            raise ValueError("arguments 'rank' and 'world_size' must be given together")
+        if rank is None:
+            rank, world_size = distributed_rank(None, None)
+        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+            raise ValueError(f"arguments 'rank' and 'world_size' must satisfy 0 <= rank < world_size, got "
+                             f"{rank!r} and {world_size!r}")
+        self.num_pairs, self.class_batch_size, self.batch_size = num_pairs, class_batch_size, batch_size
+        self.rank, self.world_size = rank, world_size
+
+    def _class_batches(self) -> range:
+        return range(self.rank, math.ceil(self.num_pairs / self.class_batch_size), self.world_size)
+
+    def __iter__(self):
+        for k in self._class_batches():
+            start, stop = k * self.class_batch_size, min((k + 1) * self.class_batch_size, self.num_pairs)
+            for first in range(start, stop, self.batch_size):
+                yield list(range(first, min(first + self.batch_size, stop)))
+
+    def __len__(self) -> int:
+        return sum(math.ceil((min((k + 1) * self.class_batch_size, self.num_pairs) - k * self.class_batch_size)
+                             / self.batch_size) for k in self._class_batches())
+
+
 def fit_factors(
     model: nn.Module,
     loader,  # iterable of (images [B, 3, H, W], tokens [B, L]) batches, pair i = (image i, caption i)
@@ -80,12 +125,16 @@ def fit_factors(
     checkpoint_every: int = 100,  # loader batches between checkpoints
     max_batches: int | None = None,  # stop after this many loader batches in total (for resumable runs)
     progress: bool = True,
+    distributed: bool | None = None,  # None: whenever torch.distributed is initialised with several ranks
+    group=None,  # the torch.distributed process group (default: the world)
 ) -> dict[str, TowerFactors]:  # {"image": ..., "text": ...}
     """Both towers' KFAC factors from a stream of image-caption pairs (SPEC.md section 6).
 
     Runs the model under torch.no_grad in its current mode (call model.eval() first for the usual
     setting). The last, possibly smaller, class batch is added when the loader is exhausted; a run
     stopped by `max_batches` keeps its pending pairs in the checkpoint instead and returns {}.
+    Distributed: `loader` is this rank's share (see `ClassBatchSampler` and the module docstring);
+    `count` and the factors are global.
     """
     if isinstance(class_batch_size, bool) or not isinstance(class_batch_size, int) or class_batch_size < 1:
         raise ValueError(f"argument 'class_batch_size' must be a positive int, got {class_batch_size!r}")
@@ -98,6 +147,11 @@ def fit_factors(
     log_scale = float(logit_scale) if logit_scale is not None else _model_scalar(model, "logit_scale")
     bias = float(logit_bias) if logit_bias is not None else _model_scalar(model, "logit_bias", 0.0)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    rank, world = distributed_rank(distributed, group)
+    if world > 1:
+        _check_sharded(loader, class_batch_size, rank, world)
+        if checkpoint is not None:
+            checkpoint = f"{os.fspath(checkpoint)}.rank{rank}-of-{world}"
     encoders = {tower: unnormalised_encoder(model, tower) for tower in TOWERS}
     accumulators = {tower: FactorAccumulator(likelihood, log_scale, bias, bias=layers[tower][1] is not None)
                     for tower in TOWERS}
@@ -105,8 +159,8 @@ def fit_factors(
     if checkpoint is not None and os.path.exists(checkpoint):
         done = _load_checkpoint(checkpoint, accumulators, pending)
 
-    bar = tqdm(total=_length(loader, max_batches), initial=done, disable=not progress, unit="batch",
-               desc="KFAC factors")
+    bar = tqdm(total=_length(loader, max_batches), initial=done, disable=not progress or rank != 0, unit="batch",
+               desc="KFAC factors" if world == 1 else f"KFAC factors (rank 0 of {world})")
     exhausted = True
     for index, batch in enumerate(loader):
         if index < done:  # already in the checkpoint
@@ -127,12 +181,19 @@ def fit_factors(
         if checkpoint is not None and done % checkpoint_every == 0:
             _save_checkpoint(checkpoint, accumulators, pending, done)
     bar.close()
+    if world > 1:  # a rank stopped by max_batches keeps every rank from reducing
+        exhausted = _all_ranks(exhausted, group)
     if exhausted and len(pending):
         _add_class_batch(accumulators, pending.take())
     if checkpoint is not None:
         _save_checkpoint(checkpoint, accumulators, pending, done)
     if not exhausted:
         return {}
+    if world > 1:
+        for tower in TOWERS:
+            accumulators[tower].all_reduce(group)
+    if accumulators["image"].count == 0:
+        raise ValueError("argument 'loader' yielded no pairs: there is nothing to fit")
     result = {}
     for tower in TOWERS:
         A, B = accumulators[tower].factors()
@@ -164,6 +225,32 @@ def unnormalised_encoder(model: nn.Module, tower: str) -> Callable[[Tensor], Ten
         return output if isinstance(output, Tensor) else output.pooler_output
 
     return encode_hf
+
+
+def _check_sharded(loader, class_batch_size: int, rank: int, world: int) -> None:
+    """Under torch.distributed a DataLoader must deal out the data: one whole copy per rank would be
+    counted K times, and shards cut across class batches would not reproduce the single-process run."""
+    if not isinstance(loader, torch.utils.data.DataLoader):
+        return  # any other iterable: the caller's own sharding, as documented
+    sampler = loader.batch_sampler
+    if isinstance(sampler, ClassBatchSampler):
+        if (sampler.class_batch_size, sampler.rank, sampler.world_size) != (class_batch_size, rank, world):
+            raise ValueError(f"argument 'loader': its ClassBatchSampler has class_batch_size "
+                             f"{sampler.class_batch_size}, rank {sampler.rank} of {sampler.world_size}; this run "
+                             f"has class_batch_size {class_batch_size}, rank {rank} of {world}")
+        return
+    raise ValueError(f"argument 'loader': under torch.distributed ({world} ranks) each rank must load its own "
+                     "share of the class batches: DataLoader(dataset, batch_sampler=ClassBatchSampler(len(dataset), "
+                     "class_batch_size, batch_size))")
+
+
+def _all_ranks(flag: bool, group) -> bool:
+    """True when `flag` is True on every rank of `group`."""
+    import torch.distributed as dist
+
+    value = torch.tensor([1.0 if flag else 0.0], device=collective_device(group))
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
+    return bool(value.item() == 1.0)
 
 
 def _add_class_batch(accumulators: dict[str, FactorAccumulator], pairs: dict[str, Tensor]) -> None:

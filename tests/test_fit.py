@@ -3,11 +3,11 @@ and a run stopped and resumed from its checkpoint ends with the same factors as 
 
 import pytest
 import torch
-from testing import tiny_hugging_face_configs
+from testing import tiny_hugging_face_configs, tiny_open_clip
 
 from bayesvlm_ext import kfac_factors
 from bayesvlm_ext.capture import capture, find_projection
-from bayesvlm_ext.fit import fit_factors
+from bayesvlm_ext.fit import ClassBatchSampler, fit_factors
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -80,3 +80,82 @@ def test_fit_factors_on_a_hugging_face_siglip():
     for tower in ("image", "text"):
         eigenvalues = torch.linalg.eigvalsh(result[tower].B)
         assert eigenvalues.min() >= -1e-10 * eigenvalues.max() and eigenvalues.max() > 0
+
+
+def test_class_batch_sampler_deals_whole_class_batches():
+    n, c, b, world = 23, 5, 2, 3
+    shares = [list(ClassBatchSampler(n, c, b, rank, world)) for rank in range(world)]
+    for rank, batches in enumerate(shares):
+        assert len(batches) == len(ClassBatchSampler(n, c, b, rank, world))
+        for batch in batches:
+            assert 1 <= len(batch) <= b and len({i // c for i in batch}) == 1  # never straddles a class batch
+            assert batch == list(range(batch[0], batch[0] + len(batch)))
+            assert batch[0] // c % world == rank
+    every = sorted(i for batches in shares for batch in batches for i in batch)
+    assert every == list(range(n))
+    assert [i for batch in ClassBatchSampler(n, c, b, 0, 1) for i in batch] == list(range(n))
+    assert list(ClassBatchSampler(0, c, b, 0, 1)) == []
+    with pytest.raises(ValueError, match="'class_batch_size'"):
+        ClassBatchSampler(n, 0, b, 0, 1)
+    with pytest.raises(ValueError, match="'rank' and 'world_size'"):
+        ClassBatchSampler(n, c, b, 2, 2)
+    with pytest.raises(ValueError, match="together"):
+        ClassBatchSampler(n, c, b, rank=0)
+
+
+PAIRS, CLASS_BATCH, LOADER_BATCH = 23, 5, 2  # 5 class batches, the last of 3 pairs, in loader batches of <= 2
+
+
+def generated_pairs():
+    g = torch.Generator().manual_seed(11)
+    return torch.utils.data.TensorDataset(torch.randn(PAIRS, 3, 32, 32, generator=g),
+                                          torch.randint(1, 64, (PAIRS, 8), generator=g))
+
+
+def _distributed_fit(rank, world, init_file, checkpoint, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, dataset = tiny_open_clip(), generated_pairs()
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=ClassBatchSampler(PAIRS, CLASS_BATCH,
+                                                                                      LOADER_BATCH))
+        options = dict(likelihood="siglip", class_batch_size=CLASS_BATCH, logit_bias=-2.0, progress=False)
+        fits = fit_factors(model, loader, **options)
+        # Stopped after one loader batch per rank, then resumed from the per-rank checkpoints.
+        assert fit_factors(model, loader, checkpoint=checkpoint, checkpoint_every=1, max_batches=1, **options) == {}
+        resumed = fit_factors(model, loader, checkpoint=checkpoint, **options)
+        try:  # a loader that hands every rank all of the data is refused
+            fit_factors(model, torch.utils.data.DataLoader(dataset, batch_size=4), **options)
+            refused = None
+        except ValueError as error:
+            refused = str(error)
+        results[rank] = {tower: (fit.A, fit.B, fit.count) for tower, fit in fits.items()}
+        results[f"resumed{rank}"] = {tower: (fit.A, fit.B) for tower, fit in resumed.items()}
+        results[f"refused{rank}"] = refused
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_fit_matches_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    model, dataset = tiny_open_clip(), generated_pairs()
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=ClassBatchSampler(PAIRS, CLASS_BATCH, LOADER_BATCH))
+    single = fit_factors(model, loader, likelihood="siglip", class_batch_size=CLASS_BATCH, logit_bias=-2.0,
+                         progress=False)
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_distributed_fit, args=(2, str(tmp_path / "init"), str(tmp_path / "kfac.pt"), results), nprocs=2,
+                 join=True)
+        results = dict(results)
+    assert sorted(p.name for p in tmp_path.glob("kfac.pt.rank*")) == ["kfac.pt.rank0-of-2", "kfac.pt.rank1-of-2"]
+    for rank in (0, 1):
+        assert "ClassBatchSampler" in results[f"refused{rank}"]
+        for tower in ("image", "text"):
+            A, B, count = results[rank][tower]
+            assert count == PAIRS == single[tower].count
+            for mine, theirs in ((A, single[tower].A), (B, single[tower].B)):
+                assert ((mine - theirs).norm() / theirs.norm()).item() <= 1e-14
+            assert all(torch.equal(x, y) for x, y in zip(results[f"resumed{rank}"][tower], (A, B)))
+            assert torch.equal(B, results[0][tower][1])  # every rank holds the same factors

@@ -27,3 +27,14 @@ def tiny_hugging_face_configs() -> tuple[dict, dict]:
     text = dict(hidden_size=32, intermediate_size=29, num_hidden_layers=1, num_attention_heads=4, vocab_size=99,
                 max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
     return vision, text
+
+
+def tiny_open_clip(seed: int = 0):
+    """A tiny random-init open_clip CLIP (32-pixel images in 8-pixel patches, 8-token texts over 64 ids,
+    width 32, embeddings of 12), the same weights for the same seed in every process."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    vision = open_clip.CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=32)
+    text = open_clip.CLIPTextCfg(context_length=8, vocab_size=64, width=32, heads=2, layers=1)
+    return open_clip.CLIP(embed_dim=12, vision_cfg=vision, text_cfg=text).eval()
