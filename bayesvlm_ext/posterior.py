@@ -265,7 +265,10 @@ class KronPosterior:
         """Set lam to the maximiser of the marginal likelihood and return it.
 
         A bracketed bisection on log lam over the cached eigenvalues: each step is O(p q), no new
-        decomposition, milliseconds in all.
+        decomposition, milliseconds in all. lam is tuned at the current pseudo-count n, which stays as
+        set: this evidence cannot choose n, because it decreases monotonically in n (log det of the
+        precision grows with n, and the tempered data term n log p(D | W*) is never positive), so its
+        maximiser would be n -> 0.
         """
         if self._map_sq_norm() == 0:
             raise ValueError("the MAP weight is zero: the marginal likelihood has no finite optimum in lam")

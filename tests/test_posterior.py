@@ -98,6 +98,27 @@ def test_optimize_prior_precision_matches_dense_grid_search(damping, generator):
         assert dense_lml(lam_star) >= dense_lml(lam_star * factor) - 1e-9
 
 
+@pytest.mark.parametrize("damping", ["kron", "exact"])
+def test_optimum_moves_with_the_pseudo_count_and_the_evidence_cannot_choose_it(damping, generator):
+    # lam is tuned at a given n (here against the dense objective at n = 0.3 and 40); the evidence itself
+    # decreases in n at any lam, which is why n is the user's setting and not tuned.
+    post, (A, B, weight, b) = make_posterior(generator, damping=damping, lam=5.0)
+    p, q = A.shape[0], B.shape[0]
+    w2 = ((weight**2).sum() + (b**2).sum()).item()
+    optima = []
+    for n in (0.3, 40.0):
+        post.pseudo_count = n
+        lam = post.optimize_prior_precision()
+        below, above = ((-0.5 * w2 * lam * f + 0.5 * p * q * math.log(lam * f) - 0.5 * torch.logdet(
+            dense_precision(A, B, lam * f, n, damping)).item()) for f in (math.exp(-1e-6), math.exp(1e-6)))
+        # d/d(log lam) of the dense objective: zero at the optimum, against terms of size p q / 2.
+        assert abs(above - below) / 2e-6 <= 1e-6 * p * q
+        optima.append(lam)
+    assert optima[0] != pytest.approx(optima[1], rel=1e-3)
+    values = [post.log_marginal_likelihood(3.0) for post.pseudo_count in (0.1, 1.0, 10.0, 100.0)]
+    assert all(x > y for x, y in zip(values, values[1:]))
+
+
 def test_prior_change_updates_cached_quantities(generator):
     post, (A, B, weight, b) = make_posterior(generator)
     phi = torch.randn(4, P, generator=generator, dtype=torch.float64)
