@@ -177,7 +177,7 @@ def fit_factors(
             _add_class_batch(accumulators, pending.take(class_batch_size))
         done = index + 1
         bar.update(1)
-        bar.set_postfix(pairs=accumulators["image"].count + len(pending))
+        bar.set_postfix({"pairs" if world == 1 else "pairs on rank 0": accumulators["image"].count + len(pending)})
         if checkpoint is not None and done % checkpoint_every == 0:
             _save_checkpoint(checkpoint, accumulators, pending, done)
     bar.close()

@@ -58,13 +58,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ---- the projections and the features entering them (bayesvlm_ext.capture) ------------------------------
 def projection_site(model: nn.Module, tower: str) -> ProjectionSite:
-    """`visual.proj` or `text_projection` (SPEC.md section 1); a clear exit for towers without one."""
+    """The tower's last linear map (SPEC.md section 1); a clear exit for towers this script cannot score."""
     try:
         site = find_projection(model, tower)
         site.layer()
     except ValueError as exc:
-        raise SystemExit(f"{exc} (timm and ModifiedResNet image towers and Hugging Face text towers are not "
-                         "supported by this example)") from exc
+        raise SystemExit(f"{exc} (ModifiedResNet image towers and Hugging Face models are not supported by this "
+                         "example)") from exc
+    if site.residual_from is not None:
+        raise SystemExit(f"the {tower} tower's last layer sits inside a residual (SigLIP): this example scores "
+                         "plain projections only; use bayesvlm_ext.capture and KronPosterior.embed(phi, residual)")
     return site
 
 
