@@ -73,18 +73,22 @@ def build_model(config: ModelConfig = ModelConfig()) -> nn.Module:
 def encode_images(model: nn.Module, images: Tensor, batch_size: int = 1024,
                   normalize: bool = True) -> Tensor:  # images [N, 3, S, S] in [0, 1] -> [N, D]
     """The model's image embeddings of `shapes` images, in batches, without gradients."""
+    if images.shape[0] == 0:
+        return images.new_zeros(0, model.text_projection.shape[1])
     with torch.no_grad():
         return torch.cat([model.encode_image(shapes.normalise_images(images[i:i + batch_size]), normalize=normalize)
-                          for i in range(0, max(images.shape[0], 1), batch_size)])
+                          for i in range(0, images.shape[0], batch_size)])
 
 
 def encode_texts(model: nn.Module, captions: list[str], batch_size: int = 1024,
                  normalize: bool = True) -> Tensor:  # N captions -> [N, D]
     """The model's text embeddings of captions over the `shapes` vocabulary, without gradients."""
+    if len(captions) == 0:
+        return torch.zeros(0, model.text_projection.shape[1])
     tokens = shapes.tokenize(captions)
     with torch.no_grad():
         return torch.cat([model.encode_text(tokens[i:i + batch_size], normalize=normalize)
-                          for i in range(0, max(tokens.shape[0], 1), batch_size)])
+                          for i in range(0, tokens.shape[0], batch_size)])
 
 
 def train_default_model(
