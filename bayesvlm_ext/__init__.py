@@ -3,7 +3,7 @@
 The mathematics is SPEC.md; the README maps each section to the names below.
 """
 
-from . import capture, ops, reference
+from . import capture, default_model, ops, reference, shapes
 from ._extension import backend, build_info, has_extension
 from .curvature import FactorAccumulator, Likelihood, kfac_factors
 from .distribution import CovarianceForm, EmbeddingDistribution
@@ -12,12 +12,17 @@ from .moments import MomentsOutput, Variant, cosine_moments
 from .posterior import Damping, FactorReport, KronPosterior
 from .predictive import Link, accuracy, ece, nlpd, predictive
 from .retrieval import Score, topk
+from .zeroshot import ZeroShotClassifier, template_average
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "KronPosterior", "Damping", "kfac_factors", "FactorAccumulator", "Likelihood", "fit_factors",
-    "ClassBatchSampler", "TowerFactors", "FactorReport", "EmbeddingDistribution", "CovarianceForm", "cosine_moments",
-    "Variant", "MomentsOutput", "topk", "Score", "predictive", "Link", "accuracy", "nlpd", "ece", "backend", "build_info", "has_extension", "ops",
-    "reference", "capture", "__version__",
+    # posterior, curvature and fitting
+    "KronPosterior", "Damping", "FactorReport", "kfac_factors", "FactorAccumulator", "Likelihood", "fit_factors",
+    "ClassBatchSampler", "TowerFactors",
+    # embeddings, moments, prediction, retrieval, zero-shot
+    "EmbeddingDistribution", "CovarianceForm", "cosine_moments", "Variant", "MomentsOutput", "predictive", "Link",
+    "accuracy", "nlpd", "ece", "topk", "Score", "ZeroShotClassifier", "template_average",
+    # modules and build
+    "ops", "reference", "capture", "shapes", "default_model", "backend", "build_info", "has_extension", "__version__",
 ]

@@ -19,6 +19,7 @@ class Link(str, Enum):
     PROBIT = "probit"  # softmax over the last dim of mean / sqrt(1 + pi/8 var)
     MC = "mc"  # Monte Carlo average of softmax(mean + sqrt(var) eps), eps independent per logit
     SIGMOID = "sigmoid"  # elementwise sigmoid(mean / sqrt(1 + pi/8 var)) (SigLIP; bias inside mean)
+    MC_SIGMOID = "mc_sigmoid"  # Monte Carlo average of sigmoid(mean + sqrt(var) eps), elementwise (SigLIP)
 
 
 def predictive(
@@ -31,9 +32,9 @@ def predictive(
 ) -> Tensor:  # [..., M] probabilities, float32 (float64 for float64 input)
     """Class probabilities from Gaussian logits (SPEC.md section 5).
 
-    "probit" and "mc" normalise over the last dimension (softmax, CLIP zero-shot); "sigmoid" is
-    elementwise. "mc" draws `num_samples` seeded samples, `chunk_size` at a time so memory stays
-    O(chunk_size * mean.numel()).
+    "probit" and "mc" normalise over the last dimension (softmax, CLIP zero-shot); "sigmoid" and
+    "mc_sigmoid" are elementwise (SigLIP). The Monte Carlo links draw `num_samples` seeded samples,
+    `chunk_size` at a time so memory stays O(chunk_size * mean.numel()).
     """
     check_tensor("mean", mean)
     check_tensor("var", var)
@@ -60,7 +61,8 @@ def predictive(
     for start in range(0, num_samples, chunk_size):
         count = min(chunk_size, num_samples - start)
         eps = torch.randn((count, *mean.shape), dtype=dtype, device=mean.device, generator=generator)
-        total += torch.softmax(mean + std * eps, dim=-1).sum(0)
+        samples = mean + std * eps
+        total += (torch.softmax(samples, dim=-1) if link is Link.MC else torch.sigmoid(samples)).sum(0)
     return total / num_samples
 
 

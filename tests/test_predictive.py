@@ -41,6 +41,19 @@ def test_monte_carlo_is_seeded_and_converges(generator):
     torch.testing.assert_close(exact, torch.softmax(mean, -1), rtol=1e-12, atol=1e-12)
 
 
+def test_monte_carlo_sigmoid_matches_gauss_hermite_quadrature(generator):
+    import numpy as np
+
+    mean, var = logits(generator, N=3, C=4)
+    nodes, weights = np.polynomial.hermite_e.hermegauss(80)  # E f(Z), Z ~ N(0, 1), to float64 accuracy here
+    m, sd = mean.numpy()[..., None], var.sqrt().numpy()[..., None]
+    expected = torch.from_numpy((weights / weights.sum() / (1 + np.exp(-(m + sd * nodes)))).sum(-1))
+    estimate = predictive(mean, var, link="mc_sigmoid", num_samples=200_000,
+                          generator=torch.Generator().manual_seed(2))
+    assert (estimate - expected).abs().max() < 3e-3  # about 5 standard errors of a 200k-sample mean
+    assert not torch.allclose(estimate.sum(-1), torch.ones(3, dtype=torch.float64))  # elementwise, not normalised
+
+
 def test_dtypes(generator):
     mean, var = logits(generator)
     assert predictive(mean.half(), var.half()).dtype == torch.float32
