@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from . import shapes
 
 __all__ = ["ModelConfig", "TrainingConfig", "build_model", "train_default_model", "load_default_model",
-           "cache_directory", "encode_images", "encode_texts"]
+           "cache_directory"]
 
 DATA_VERSION = 1  # bump when shapes.generate draws different images for the same seed
 
@@ -68,27 +68,6 @@ def build_model(config: ModelConfig = ModelConfig()) -> nn.Module:
     text = open_clip.CLIPTextCfg(context_length=shapes.CONTEXT_LENGTH, vocab_size=shapes.VOCAB_SIZE,
                                  width=config.text_width, heads=config.text_heads, layers=config.text_layers)
     return open_clip.CLIP(embed_dim=config.embed_dim, vision_cfg=vision, text_cfg=text).eval()
-
-
-def encode_images(model: nn.Module, images: Tensor, batch_size: int = 1024,
-                  normalize: bool = True) -> Tensor:  # images [N, 3, S, S] in [0, 1] -> [N, D]
-    """The model's image embeddings of `shapes` images, in batches, without gradients."""
-    if images.shape[0] == 0:
-        return images.new_zeros(0, model.text_projection.shape[1])
-    with torch.no_grad():
-        return torch.cat([model.encode_image(shapes.normalise_images(images[i:i + batch_size]), normalize=normalize)
-                          for i in range(0, images.shape[0], batch_size)])
-
-
-def encode_texts(model: nn.Module, captions: list[str], batch_size: int = 1024,
-                 normalize: bool = True) -> Tensor:  # N captions -> [N, D]
-    """The model's text embeddings of captions over the `shapes` vocabulary, without gradients."""
-    if len(captions) == 0:
-        return torch.zeros(0, model.text_projection.shape[1])
-    tokens = shapes.tokenize(captions)
-    with torch.no_grad():
-        return torch.cat([model.encode_text(tokens[i:i + batch_size], normalize=normalize)
-                          for i in range(0, tokens.shape[0], batch_size)])
 
 
 def train_default_model(

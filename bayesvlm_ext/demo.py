@@ -30,8 +30,10 @@ import torch
 from torch import Tensor, nn
 
 import bayesvlm_ext
-from bayesvlm_ext import KronPosterior, ZeroShotClassifier, cosine_moments, default_model, reference, shapes
+from bayesvlm_ext import (KronPosterior, ZeroShotClassifier, cosine_moments, default_model, predictive, reference,
+                          shapes)
 from bayesvlm_ext.capture import capture, find_projection
+from bayesvlm_ext.fit import unnormalised_encoder
 
 SEED = 0
 FIT_PAIRS = 8192  # in-domain pairs behind the curvature factors (one class batch)
@@ -56,10 +58,8 @@ class PairsDataset(torch.utils.data.Dataset):
 
 def features(model: nn.Module, tower: str, inputs: Tensor, batch_size: int = 1024) -> Tensor:
     """[N, P] float64 features entering the tower's projection (bayesvlm_ext.capture)."""
-    site = find_projection(model, tower)
-    encode = getattr(model, f"encode_{tower}")
-    parts = [capture(lambda x: encode(x, normalize=False), inputs[i:i + batch_size], site).features
-             for i in range(0, inputs.shape[0], batch_size)]
+    site, encode = find_projection(model, tower), unnormalised_encoder(model, tower)
+    parts = [capture(encode, inputs[i:i + batch_size], site).features for i in range(0, inputs.shape[0], batch_size)]
     return torch.cat(parts).double()
 
 
@@ -140,10 +140,10 @@ def main(argv: list[str] | None = None) -> dict:
         data = shapes.generate(EVAL_IMAGES, domain, seed=SEED + 200)
         phi = features(model, "image", shapes.normalise_images(data.images))
         eval_features[name] = (phi, data)
-        mc = classifier.predict(phi, link="mc", num_samples=MC_SAMPLES,
-                                generator=torch.Generator().manual_seed(SEED + 1))
+        mean, var = classifier.logits(phi)  # once for both links (what classifier.predict does per call)
+        mc = predictive(mean, var, link="mc", num_samples=MC_SAMPLES, generator=torch.Generator().manual_seed(SEED + 1))
         zero_shot[name] = {"map": metrics(classifier.map_probabilities(phi), data.shape),
-                           "bayesvlm_probit": metrics(classifier.predict(phi), data.shape),
+                           "bayesvlm_probit": metrics(predictive(mean, var, link="probit"), data.shape),
                            "bayesvlm_mc": metrics(mc, data.shape)}
     timings["zero_shot"] = time.perf_counter() - start
     print(f"\nzero-shot shape classification, {EVAL_IMAGES} images per domain, {len(shapes.SHAPES)} classes "
