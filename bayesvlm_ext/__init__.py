@@ -3,14 +3,14 @@
 The mathematics is SPEC.md; the README maps each section to the names below.
 """
 
-from . import capture, default_model, ops, reference, shapes
+from . import capture, default_model, evaluation, ops, reference, shapes
 from ._extension import backend, build_info, has_extension
 from .curvature import FactorAccumulator, Likelihood, kfac_factors
 from .distribution import CovarianceForm, EmbeddingDistribution
 from .fit import ClassBatchSampler, TowerFactors, fit_factors
 from .moments import MomentsOutput, Variant, cosine_moments
 from .posterior import Damping, FactorReport, KronPosterior
-from .predictive import Link, accuracy, ece, nlpd, predictive
+from .predictive import Link, accuracy, ece, nlpd, predictive, reliability
 from .retrieval import Score, topk
 from .zeroshot import ZeroShotClassifier, template_average
 
@@ -22,7 +22,8 @@ __all__ = [
     "ClassBatchSampler", "TowerFactors",
     # embeddings, moments, prediction, retrieval, zero-shot
     "EmbeddingDistribution", "CovarianceForm", "cosine_moments", "Variant", "MomentsOutput", "predictive", "Link",
-    "accuracy", "nlpd", "ece", "topk", "Score", "ZeroShotClassifier", "template_average",
+    "accuracy", "nlpd", "ece", "reliability", "topk", "Score", "ZeroShotClassifier", "template_average",
     # modules and build
-    "ops", "reference", "capture", "shapes", "default_model", "backend", "build_info", "has_extension", "__version__",
+    "ops", "reference", "evaluation", "capture", "shapes", "default_model", "backend", "build_info", "has_extension",
+    "__version__",
 ]

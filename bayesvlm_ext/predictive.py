@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ._validation import check_tensor, parse_enum
 
-__all__ = ["Link", "predictive", "accuracy", "nlpd", "ece"]
+__all__ = ["Link", "predictive", "accuracy", "nlpd", "ece", "reliability"]
 
 PROBIT_FACTOR = math.pi / 8
 
@@ -103,6 +103,30 @@ def nlpd(
     return (-picked.double().clamp_min(torch.finfo(probs.dtype).tiny).log()).mean().item()
 
 
+def reliability(
+    probs: Tensor,  # [N, C]
+    targets: Tensor,  # [N] integer classes
+    n_bins: int = 20,
+) -> tuple[Tensor, Tensor, Tensor]:  # count, mean confidence, accuracy: [n_bins + 1] each, float64
+    """The reliability diagram of the top-label confidence: per bin, its size, mean confidence and accuracy.
+
+    Bins are [k/n_bins, (k+1)/n_bins) for k < n_bins, plus one bin for confidence exactly 1 (the binning
+    of torchmetrics' MulticlassCalibrationError). Empty bins have count 0 and NaN confidence and accuracy.
+    """
+    _check_classification(probs, targets)
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"argument 'n_bins' must be a positive int, got {n_bins!r}")
+    confidence, predicted = probs.double().max(dim=1)
+    correct = (predicted == targets.to(probs.device)).double()
+    boundaries = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64, device=confidence.device)
+    bins = torch.bucketize(confidence, boundaries, right=True) - 1
+    count = torch.zeros(n_bins + 1, dtype=torch.float64, device=confidence.device).index_add_(
+        0, bins, torch.ones_like(confidence))
+    conf_sum = torch.zeros_like(count).index_add_(0, bins, confidence)
+    correct_sum = torch.zeros_like(count).index_add_(0, bins, correct)
+    return count, conf_sum / count, correct_sum / count  # 0/0 = NaN marks an empty bin
+
+
 def ece(
     probs: Tensor,  # [N, C]
     targets: Tensor,  # [N] integer classes
@@ -110,20 +134,10 @@ def ece(
 ) -> float:
     """Expected calibration error, L1, on the top-label confidence (SPEC.md section 5).
 
-    Bins are [k/n_bins, (k+1)/n_bins) for k < n_bins, plus one bin for confidence exactly 1: the
-    binning of torchmetrics' MulticlassCalibrationError(n_bins, norm="l1"), whose value this equals.
+    sum over the bins of `reliability` of (bin size / N) |accuracy - mean confidence|: the value of
+    torchmetrics' MulticlassCalibrationError(n_bins, norm="l1").
     """
-    _check_classification(probs, targets)
-    if not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"argument 'n_bins' must be a positive int, got {n_bins!r}")
-    confidence, predicted = probs.max(dim=1)
-    correct = (predicted == targets.to(probs.device)).to(confidence.dtype)
-    boundaries = torch.linspace(0, 1, n_bins + 1, dtype=confidence.dtype, device=confidence.device)
-    bins = torch.bucketize(confidence, boundaries, right=True) - 1
-    count = torch.zeros(n_bins + 1, dtype=confidence.dtype, device=confidence.device).index_add_(
-        0, bins, torch.ones_like(confidence))
-    conf_sum = torch.zeros_like(count).index_add_(0, bins, confidence)
-    correct_sum = torch.zeros_like(count).index_add_(0, bins, correct)
+    count, confidence, accuracy = reliability(probs, targets, n_bins)
     occupied = count > 0
-    gap = (correct_sum[occupied] / count[occupied] - conf_sum[occupied] / count[occupied]).abs()
+    gap = (accuracy[occupied] - confidence[occupied]).abs()
     return (gap * (count[occupied] / count.sum())).sum().item()

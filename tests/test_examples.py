@@ -26,7 +26,19 @@ def test_demo_prints_and_writes_its_results(tmp_path):
             assert 0 <= values["acc"] <= 1 and values["nlpd"] > 0 and 0 <= values["ece"] <= 1
     # The default model has learnt the task: far above chance (1/6) in domain.
     assert results["zero_shot"]["in_domain"]["map"]["acc"] > 0.6
-    assert {"default_model", "fit_posterior", "zero_shot", "total"} <= set(results["timings"])
+    for method in ("map", "bayesvlm"):
+        for direction in ("image_to_text", "text_to_image"):
+            values = results["retrieval"][method][direction]
+            expected = {"recall@1", "recall@5", "recall@10"} | ({"spearman"} if method == "bayesvlm" else set())
+            assert set(values) == expected
+            assert f"{direction:<14} {method:<9} {values['recall@1']:>7.4f} {values['recall@5']:>7.4f}" in out
+            assert 0 <= values["recall@1"] <= values["recall@5"] <= values["recall@10"] <= 1
+            if method == "bayesvlm":
+                assert -1 <= values["spearman"] <= 1
+    for name in ("reliability.png", "uncertainty_recall.png"):
+        with open(tmp_path / name, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert {"default_model", "fit_posterior", "zero_shot", "retrieval", "plots", "total"} <= set(results["timings"])
 
 
 def test_open_clip_example_self_test():
