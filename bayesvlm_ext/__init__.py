@@ -3,8 +3,10 @@
 The mathematics is SPEC.md; the README maps each section to the names below.
 """
 
-from . import capture, default_model, evaluation, ops, reference, shapes
+from . import active, capture, default_model, evaluation, ops, reference, shapes
 from ._extension import backend, build_info, has_extension
+from .active import (Acquisition, JointSamples, acquisition_scores, label_curvature, nearest_neighbours, select,
+                     update_posterior)
 from .curvature import FactorAccumulator, Likelihood, kfac_factors
 from .distribution import CovarianceForm, EmbeddingDistribution
 from .fit import ClassBatchSampler, TowerFactors, fit_factors
@@ -23,7 +25,10 @@ __all__ = [
     # embeddings, moments, prediction, retrieval, zero-shot
     "EmbeddingDistribution", "CovarianceForm", "cosine_moments", "Variant", "MomentsOutput", "predictive", "Link",
     "accuracy", "nlpd", "ece", "reliability", "topk", "Score", "ZeroShotClassifier", "template_average",
+    # active selection (SPEC 8)
+    "acquisition_scores", "Acquisition", "JointSamples", "select", "nearest_neighbours", "update_posterior",
+    "label_curvature",
     # modules and build
-    "ops", "reference", "evaluation", "capture", "shapes", "default_model", "backend", "build_info", "has_extension",
-    "__version__",
+    "active", "ops", "reference", "evaluation", "capture", "shapes", "default_model", "backend", "build_info",
+    "has_extension", "__version__",
 ]

@@ -98,6 +98,8 @@ class ZeroShotClassifier:
         self.image_posterior, self.text_posterior = image_posterior, text_posterior
         self.likelihood = parse_enum("likelihood", likelihood, ZeroShotLikelihood)
         self.logit_scale, self.logit_bias = logit_scale, logit_bias
+        # Kept for joint weight samples (bayesvlm_ext.active): classes share W_txt, so they are correlated.
+        self.class_features, self.class_residual = class_features, class_residual
         self.classes = text_posterior.embed(class_features, class_residual, against=image_posterior)  # C items
 
     @classmethod
