@@ -294,6 +294,33 @@ class KronPosterior:
         self.prior_precision = math.exp(0.5 * (lo + hi))
         return self.prior_precision
 
+    def precision_quadratic(
+        self,
+        delta: Tensor,  # [D, P] (or [D, P + 1], the bias column last) a displacement W - W* of the weight
+    ) -> Tensor:  # [] vec(delta)^T Lambda vec(delta), in delta's dtype (float32 or float64), differentiable
+        """The posterior precision's quadratic form (SPEC.md section 2).
+
+        -1/2 of it is the log density of the Laplace posterior at W* + delta, up to a constant: the
+        penalty that keeps a fine-tuned weight where the data behind the posterior put it (a Kronecker
+        EWC). Computed in the factors' eigenbases, O(D P (D + P)): with delta~ = Q_B^T delta Q_A, the
+        form is sum_ij delta~_ij^2 l_ij, l_ij = b_i a_j (kron: the damped factors' eigenvalues) or
+        n e_i a_j + lam (exact).
+        """
+        check_tensor("delta", delta, dim=2)
+        p = self.A.shape[0]
+        if delta.shape[0] != self.out_features or delta.shape[1] not in (self.in_features, p):
+            raise ValueError(f"argument 'delta' must be [D, P] = [{self.out_features}, {self.in_features}]"
+                             + (f" or [D, P + 1] with the bias column" if p != self.in_features else "")
+                             + f", got {tuple(delta.shape)}")
+        if delta.device != self.device:
+            raise ValueError(f"argument 'delta' must be on the posterior's device {self.device}, got {delta.device}")
+        dtype = accumulation_dtype(delta.dtype)
+        qa, qb = self._factor_eig("A")[1].to(dtype), self._factor_eig("B")[1].to(dtype)
+        da, db = self._damped_eigenvalues(self.prior_precision)
+        precision = db[:, None] * da[None, :] + (0 if self.damping is Damping.KRON else self.prior_precision)
+        rotated = qb.T @ delta.to(dtype) @ qa[:delta.shape[1]]  # a weight-only delta has zero bias column
+        return (rotated * rotated * precision.to(dtype)).sum()
+
     # ---- sampling (SPEC.md section 2) --------------------------------------------------------------
     def sample_weights(
         self,

@@ -35,10 +35,19 @@ def test_demo_prints_and_writes_its_results(tmp_path):
             assert 0 <= values["recall@1"] <= values["recall@5"] <= values["recall@10"] <= 1
             if method == "bayesvlm":
                 assert -1 <= values["spearman"] <= 1
-    for name in ("reliability.png", "uncertainty_recall.png"):
+    curves = results["active_learning"]
+    assert set(curves) == {"epig", "bald", "entropy", "random"}
+    for method, curve in curves.items():
+        assert [row[0] for row in curve] == [0, 25, 50, 100, 200, 400]
+        assert curve[0][1] == curves["random"][0][1]  # every method starts from the same zero-shot model
+        for labels, mean, std in curve:
+            assert 0 <= mean <= 1 and std >= 0
+            assert f"{mean:>8.4f} +-{std:.3f}" in out  # table = file
+    for name in ("reliability.png", "uncertainty_recall.png", "active_learning.png"):
         with open(tmp_path / name, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert {"default_model", "fit_posterior", "zero_shot", "retrieval", "plots", "total"} <= set(results["timings"])
+    assert {"default_model", "fit_posterior", "zero_shot", "retrieval", "active_learning", "plots",
+            "total"} <= set(results["timings"])
 
 
 def test_open_clip_example_self_test():

@@ -64,6 +64,26 @@ def test_embedding_covariance_matches_dense_kronecker(damping, bias, generator):
 
 @pytest.mark.parametrize("damping", ["kron", "exact"])
 @pytest.mark.parametrize("bias", [False, True])
+def test_precision_quadratic_matches_dense_kronecker(damping, bias, generator):
+    post, (A, B, _, _) = make_posterior(generator, bias=bias, damping=damping)
+    precision = dense_precision(A, B, 0.7, 2.5, damping)
+    full = torch.randn(D, P + bias, generator=generator, dtype=torch.float64, requires_grad=True)
+    value = post.precision_quadratic(full)
+    vec = full.T.reshape(-1)  # column-stacked, as dense_precision orders vec(W)
+    torch.testing.assert_close(value, vec @ precision @ vec, rtol=1e-12, atol=0)
+    value.backward()  # differentiable: the gradient is 2 Lambda vec(delta)
+    torch.testing.assert_close(full.grad.T.reshape(-1), 2 * precision @ vec.detach(), rtol=1e-12, atol=1e-12)
+    # A weight-only displacement [D, P] is one whose bias column is zero.
+    weight_only = full.detach()[:, :P]
+    padded = torch.cat([weight_only, torch.zeros(D, bias, dtype=torch.float64)], 1).T.reshape(-1)
+    torch.testing.assert_close(post.precision_quadratic(weight_only), padded @ precision @ padded, rtol=1e-12,
+                               atol=0)
+    with pytest.raises(ValueError, match="'delta'"):
+        post.precision_quadratic(torch.zeros(D + 1, P, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("damping", ["kron", "exact"])
+@pytest.mark.parametrize("bias", [False, True])
 def test_logdet_and_evidence_match_dense(damping, bias, generator):
     post, (A, B, weight, b) = make_posterior(generator, bias=bias, damping=damping)
     p, q = A.shape[0], B.shape[0]
