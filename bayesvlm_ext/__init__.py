@@ -10,10 +10,11 @@ from .active import (Acquisition, JointSamples, acquisition_scores, label_curvat
 from .curvature import FactorAccumulator, Likelihood, kfac_factors
 from .distribution import CovarianceForm, EmbeddingDistribution
 from .fit import ClassBatchSampler, TowerFactors, fit_factors
+from .index import IndexWriter, RetrievalIndex, build_index, open_index, save_index, search
 from .moments import MomentsOutput, Variant, cosine_moments
 from .posterior import Damping, FactorReport, KronPosterior
 from .predictive import Link, accuracy, ece, nlpd, predictive, reliability
-from .retrieval import Score, topk
+from .retrieval import Score, merge_topk, topk
 from .zeroshot import ZeroShotClassifier, template_average
 
 __version__ = "0.1.0"

@@ -1,6 +1,8 @@
-"""Command line: `bayesvlm-ext fit` (also `python -m bayesvlm_ext fit`).
+"""Command line: `bayesvlm-ext fit`, `index` and `retrieve` (also `python -m bayesvlm_ext ...`).
 
     bayesvlm-ext fit --model ViT-B-32 --pretrained CHECKPOINT.pt --pairs PAIRS.jsonl --out DIR
+    bayesvlm-ext index --posterior DIR --tower image --features GALLERY.safetensors --out INDEX
+    bayesvlm-ext retrieve --index INDEX --posterior DIR --queries QUERIES.safetensors --k 10 --out RESULTS.jsonl
 
 PAIRS.jsonl holds one JSON object per line, {"image": PATH, "caption": TEXT}; relative image paths
 are read from the JSONL's folder. Lines that are not such objects, empty captions, missing and
@@ -13,12 +15,21 @@ Under `torchrun --nproc-per-node K` (gloo on CPU, nccl with --device cuda: rank 
 rank r loads and scores the class batches r, r + K, ... and the sums are all-reduced; rank 0 writes
 DIR. When every image is readable the factors equal the one-process run's up to float64 summation
 order; an unreadable image shortens its rank's stream, which then groups its class batches differently.
+
+`index` embeds a gallery with one tower's posterior (DIR as written by `fit`; the other tower is the
+query side) into memory-mapped safetensors shards (bayesvlm_ext.index); `retrieve` streams queries
+through it and writes one JSON line per query: {"query", "ids", "scores", "mean", "variance"}. Under
+torchrun both deal out whole shards in contiguous blocks (rank r: shards [S r / K, S (r + 1) / K));
+`retrieve` gathers each rank's top-k on rank 0 and merges them (retrieval.merge_topk). Shard bytes and
+result lines are then identical to one process at the same thread settings (torchrun sets
+OMP_NUM_THREADS=1; BLAS may round differently with other thread counts).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -26,11 +37,18 @@ from collections import Counter
 
 import torch
 
+from ._validation import accumulation_dtype
 from .curvature import DEFAULT_CLASS_BATCH_SIZE, Likelihood, collective_device
+from .distribution import CovarianceForm, EmbeddingDistribution
 from .fit import TOWERS, ClassBatchSampler, fit_factors
+from .index import DEFAULT_SHARD_ROWS, IndexWriter, RetrievalIndex, open_index, open_safetensors, posterior_summary, \
+    search
 from .posterior import KronPosterior
+from .retrieval import Score, merge_topk
 
 PUBLISHED_TOWER = {"image": "img", "text": "txt"}
+OTHER_TOWER = {"image": "text", "text": "image"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 class PairsDataset(torch.utils.data.Dataset):
@@ -204,6 +222,381 @@ def _fit(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     return 0
 
 
+# ---- index and retrieve ---------------------------------------------------------------------------------
+
+class CommandError(Exception):
+    """A user error found by a command: printed as "error: ..." and exit status 1."""
+
+
+def _load_posteriors(directory: str, gallery_tower: str) -> tuple[KronPosterior, KronPosterior]:
+    """(gallery tower's posterior, the other tower's) from a `fit` output directory."""
+    posteriors = []
+    for tower in (gallery_tower, OTHER_TOWER[gallery_tower]):
+        path = os.path.join(directory, f"posterior_{tower}")
+        if not os.path.isdir(path):
+            raise CommandError(f"--posterior {directory}: missing posterior_{tower}/ (the output directory of "
+                               "`bayesvlm-ext fit` holds posterior_image/ and posterior_text/)")
+        try:
+            posteriors.append(KronPosterior.load(path))
+        except (FileNotFoundError, ValueError) as error:
+            raise CommandError(f"--posterior {directory}: {error}") from None
+    return posteriors[0], posteriors[1]
+
+
+class _FeatureFile:
+    """A safetensors file of "features" [N, P] (any float dtype), optionally "ids" [N] int64 and "residual"
+    [N, D]; memory-mapped, so a rank reads only the rows it asks for."""
+
+    def __init__(self, path: str, option: str):
+        try:
+            self.file = open_safetensors(path)
+        except (FileNotFoundError, ValueError) as error:
+            raise CommandError(f"{option} {path}: {error}") from None
+        floating = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+        entries = self.file.entries
+        if "features" not in entries:
+            raise CommandError(f"{option} {path}: holds no tensor 'features' (expected features [N, P], optional "
+                               f"ids [N] int64 and residual [N, D]; found {sorted(entries)})")
+        dtype, shape = entries["features"][:2]
+        if len(shape) != 2 or dtype not in floating:
+            raise CommandError(f"{option} {path}: 'features' must be a 2-D float tensor [N, P], got {dtype} {shape}")
+        self.rows, self.width = shape
+        self.features = self.file.tensor("features")
+        self.ids = self.residual = None
+        if "ids" in entries:
+            if entries["ids"][:2] != (torch.int64, (self.rows,)):
+                raise CommandError(f"{option} {path}: 'ids' must be int64 of shape ({self.rows},), got "
+                                   f"{entries['ids'][0]} {entries['ids'][1]}")
+            self.ids = self.file.tensor("ids")
+        if "residual" in entries:
+            if len(entries["residual"][1]) != 2 or entries["residual"][1][0] != self.rows \
+                    or entries["residual"][0] not in floating:
+                raise CommandError(f"{option} {path}: 'residual' must be a float tensor [{self.rows}, D], got "
+                                   f"{entries['residual'][0]} {entries['residual'][1]}")
+            self.residual = self.file.tensor("residual")
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def read(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:  # [n, P], [n, D] or None
+        """Rows [start, stop) copied out of the mapping: a fresh, aligned tensor embeds to the same bits as
+        the same numbers in memory (BLAS may round differently for the file's arbitrary alignment)."""
+        residual = None if self.residual is None else self.residual[start:stop].clone()
+        return self.features[start:stop].clone(), residual
+
+
+class _ImageFeatures:
+    """The features entering the image projection of an open_clip model, computed on demand for rows of an
+    image list: a JSONL of {"image": PATH} (relative paths from the file's folder) or a folder of images."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, say):
+        import open_clip
+
+        from .capture import find_projection
+        from .fit import unnormalised_encoder
+
+        self.paths, self.ids = _image_list(args.images)
+        missing = [p for p in self.paths if not os.path.isfile(p)]
+        if missing:
+            raise CommandError(f"--images {args.images}: {len(missing)} missing image(s), e.g. {missing[0]}")
+        torch.manual_seed(args.seed)  # without --pretrained every rank must draw the same random model
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+            args.model, pretrained=args.pretrained, device=device, precision=args.precision)
+        self.model.eval()
+        if args.pretrained is None:
+            say("warning: no --pretrained: a random-initialised model (for tests only)", file=sys.stderr)
+        self.site = find_projection(self.model, "image")
+        self.encode = unnormalised_encoder(self.model, "image")
+        self.width = self.site.layer()[0].shape[1]
+        self.device, self.batch_size = device, args.batch_size
+        self.logit_scale = float(self.model.logit_scale.detach())
+        bias = getattr(self.model, "logit_bias", None)
+        self.logit_bias = 0.0 if bias is None else float(bias.detach())
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:  # [n, P], [n, D] or None
+        from PIL import Image, UnidentifiedImageError
+
+        from .capture import capture
+
+        features, residuals = [], []
+        for b0 in range(start, stop, self.batch_size):
+            pixels = []
+            for path in self.paths[b0:min(b0 + self.batch_size, stop)]:
+                try:
+                    with Image.open(path) as img:
+                        pixels.append(self.preprocess(img.convert("RGB")))
+                except (OSError, UnidentifiedImageError, ValueError) as error:
+                    raise CommandError(f"--images: cannot read {path} ({error})") from None
+            with torch.no_grad():
+                captured = capture(self.encode, torch.stack(pixels).to(self.device), self.site)
+            features.append(captured.features.float().cpu())
+            if captured.residual is not None:
+                residuals.append(captured.residual.float().cpu())
+        return torch.cat(features), torch.cat(residuals) if residuals else None
+
+
+def _image_list(source: str) -> tuple[list[str], list[str]]:
+    """(absolute paths, ids as written) of a JSONL of {"image": PATH} or of the image files in a folder."""
+    if os.path.isdir(source):
+        names = sorted(n for n in os.listdir(source) if n.lower().endswith(IMAGE_SUFFIXES))
+        if not names:
+            raise CommandError(f"--images {source}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+        return [os.path.join(source, n) for n in names], names
+    folder = os.path.dirname(os.path.abspath(source))
+    paths, ids = [], []
+    with open(source) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                image = json.loads(line)["image"]
+                if not isinstance(image, str) or not image:
+                    raise TypeError
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CommandError(f"--images {source}: line {number} is not a JSON object with an \"image\" path; "
+                                   "an index needs every line (rows are numbered by line)") from None
+            paths.append(image if os.path.isabs(image) else os.path.join(folder, image))
+            ids.append(image)
+    if not paths:
+        raise CommandError(f"--images {source}: no images listed")
+    return paths, ids
+
+
+def _block(count: int, rank: int, world: int) -> range:
+    """The contiguous block of `count` items that rank `rank` of `world` takes."""
+    return range(count * rank // world, count * (rank + 1) // world)
+
+
+def _all_ok(ok: bool, world: int) -> bool:
+    """True when `ok` holds on every rank (one all-reduce), so that all ranks stop or go on together."""
+    if world == 1:
+        return ok
+    import torch.distributed as dist
+
+    flag = torch.tensor([0.0 if ok else 1.0], device=collective_device(None))
+    dist.all_reduce(flag)
+    return flag.item() == 0
+
+
+def _run_distributed(command, args: argparse.Namespace, device: torch.device) -> int:
+    rank, world, device = _start_distributed(device)
+    try:
+        return command(args, rank, world, device)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def index_command(args: argparse.Namespace) -> int:
+    return _run_distributed(_index, args, torch.device(args.device))
+
+
+def _index(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> int:
+    from tqdm.auto import tqdm
+
+    say = print if rank == 0 else (lambda *a, **k: None)
+    start_time = time.perf_counter()
+    try:  # every rank reads the same inputs, so every rank fails here alike
+        gallery_posterior, query_posterior = _load_posteriors(args.posterior, args.tower)
+        if args.features is not None:
+            source = _FeatureFile(args.features, "--features")
+            option, ids, logit_scale, logit_bias = "--features", source.ids, args.logit_scale, args.logit_bias
+        else:
+            if args.tower != "image":
+                raise CommandError("--images computes image features: use it with --tower image")
+            source = _ImageFeatures(args, device, say)
+            option, ids = "--images", source.ids
+            logit_scale = source.logit_scale if args.logit_scale is None else args.logit_scale
+            logit_bias = source.logit_bias if args.logit_bias is None else args.logit_bias
+        if source.width != gallery_posterior.in_features:
+            raise CommandError(f"{option}: the features are [N, {source.width}] but the {args.tower} posterior in "
+                               f"{args.posterior} needs P = {gallery_posterior.in_features}")
+        if len(source) == 0:
+            raise CommandError(f"{option}: no gallery items")
+        dtype = torch.float32
+        if isinstance(source, _FeatureFile):
+            dtype = accumulation_dtype(source.features.dtype)
+        writer = IndexWriter.for_posteriors(args.out, gallery_posterior, query_posterior, len(source), dtype,
+                                            shard_rows=args.shard_rows, ids=ids, tower=args.tower,
+                                            logit_scale=logit_scale, logit_bias=logit_bias)
+    except (CommandError, ValueError, OSError) as error:
+        say(f"error: {error}", file=sys.stderr)
+        return 1
+    if rank == 0:
+        writer.discard_manifest()
+    _all_ok(True, world)  # a barrier: no rank writes shards into a directory whose old index.json still opens
+    mine = _block(writer.num_shards, rank, world)
+    failure = None
+    bar = tqdm(total=sum(stop - start for start, stop in writer.ranges[mine.start:mine.stop]), unit="item",
+               disable=args.quiet or rank != 0, desc="indexing")
+    try:
+        for number in mine:
+            start, stop = writer.shard_range(number)
+            phi, residual = source.read(start, stop)
+            writer.embed_shard(number, phi, residual, batch_size=args.batch_size)
+            bar.update(stop - start)
+    except (CommandError, ValueError, OSError) as error:
+        failure = str(error)
+    bar.close()
+    if not _all_ok(failure is None, world):
+        if failure is not None:
+            print(f"error: {failure}" + (f" (rank {rank})" if world > 1 else ""), file=sys.stderr)
+        return 1
+    if rank != 0:
+        return 0
+    writer.finish()
+    elapsed = time.perf_counter() - start_time
+    print(f"indexed {len(source)} {args.tower} items ({writer.form.value} form, D = {writer.dim}, "
+          f"{str(writer.dtype).replace('torch.', '')}) in {writer.num_shards} shard"
+          f"{'s' if writer.num_shards > 1 else ''}, {elapsed:.1f} s ({world} process{'es' if world > 1 else ''}); "
+          f"wrote {args.out}/")
+    return 0
+
+
+def _matches(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same matrix up to the last bits (another machine's eigendecomposition), not merely a similar one."""
+    rtol = 1e-10 if a.dtype == torch.float64 else 1e-5
+    return a.shape == b.shape and float((a - b.to(a.dtype)).abs().max()) <= rtol * float(a.abs().max())
+
+
+def _check_index_matches(index: RetrievalIndex, gallery: KronPosterior, query: KronPosterior, where: str) -> None:
+    """Raises CommandError unless `index` was built from these posteriors (sizes, hyper-parameters, matrices)."""
+    if index.dim != gallery.out_features:
+        raise CommandError(f"--index {index.directory} has D = {index.dim}; the posteriors in {where} have "
+                           f"D = {gallery.out_features}")
+    for side, posterior in (("gallery", gallery), ("query", query)):
+        stored, given = index.posteriors.get(side), posterior_summary(posterior)
+        if stored is not None and stored != given:
+            differing = sorted(key for key in given if stored.get(key) != given[key])
+            raise CommandError(f"--index {index.directory} was built with another {side} posterior than the one in "
+                               f"{where} (differs in {', '.join(differing)})")
+    template = gallery.embed(torch.zeros(0, gallery.in_features, dtype=index.dtype), against=query)
+    if template.form is not index.form:
+        raise CommandError(f"--index {index.directory} holds '{index.form.value}'-form items; the {index.tower} "
+                           f"posterior in {where} gives '{template.form.value}'")
+    # The kron form's eigenbasis is derived from "shared"; an eigen-form basis is compared up to column signs,
+    # which another machine's eigendecomposition may flip.
+    compared = {"shared": (template.shared, False), "cross_shared": (template.cross_shared, False)}
+    if index.form is CovarianceForm.EIGEN:
+        compared["basis"] = (template.basis, True)
+    for name, stored in index.shared.items():
+        given, up_to_sign = compared.get(name, (None, False))
+        if up_to_sign and given is not None:
+            stored, given = stored.abs(), given.abs()
+        if name in compared and (given is None or not _matches(stored, given)):
+            side = f"query ({OTHER_TOWER[index.tower]})" if name == "cross_shared" else f"gallery ({index.tower})"
+            raise CommandError(f"--index {index.directory}: its {side} covariance matrix '{name}' does not match the "
+                               f"posterior in {where}; rebuild the index with this posterior")
+    if "cross_shared" not in index.shared and template.cross_shared is not None:
+        raise CommandError(f"--index {index.directory} was built without the query side's matrix; rebuild it with "
+                           f"the posterior in {where}")
+
+
+def retrieve_command(args: argparse.Namespace) -> int:
+    return _run_distributed(_retrieve, args, torch.device("cpu"))
+
+
+def _retrieve(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> int:
+    from tqdm.auto import tqdm
+
+    say = print if rank == 0 else (lambda *a, **k: None)
+    start_time = time.perf_counter()
+    try:  # every rank reads the same inputs, so every rank fails here alike
+        index = open_index(args.index)
+        if index.tower is None:
+            raise CommandError(f"--index {args.index} names no tower (built in Python without tower=); rebuild it "
+                               "with `bayesvlm-ext index` or build_index(..., tower=)")
+        gallery_posterior, query_posterior = _load_posteriors(args.posterior, index.tower)
+        _check_index_matches(index, gallery_posterior, query_posterior, args.posterior)
+        queries = _FeatureFile(args.queries, "--queries")
+        if queries.width != query_posterior.in_features:
+            raise CommandError(f"--queries: the features are [N, {queries.width}] but the "
+                               f"{OTHER_TOWER[index.tower]} posterior in {args.posterior} needs P = "
+                               f"{query_posterior.in_features}")
+        if args.k > len(index):
+            raise CommandError(f"--k {args.k} is larger than the gallery ({len(index)} items in {args.index})")
+        logit_scale = index.logit_scale if args.logit_scale is None else args.logit_scale
+        if logit_scale is None:
+            raise CommandError(f"--logit-scale is needed: the index {args.index} stores none")
+        logit_bias = args.logit_bias if args.logit_bias is not None else (index.logit_bias or 0.0)
+    except (CommandError, ValueError, OSError) as error:
+        say(f"error: {error}", file=sys.stderr)
+        return 1
+
+    k, cross_shared = args.k, index.shared.get("cross_shared")
+    blocks = [_block(len(index.shards), r, world) for r in range(world)]
+    counts = [min(k, sum(len(index.shards[n]) for n in block)) for block in blocks]  # columns each rank returns
+    temporary = f"{args.out}.tmp{os.getpid()}"
+    out = None
+    if rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        out = open(temporary, "w")
+    bar = tqdm(total=len(queries), unit="query", disable=args.quiet or rank != 0, desc="retrieving")
+    for b0 in range(0, len(queries), args.batch_size):
+        b1 = min(b0 + args.batch_size, len(queries))
+        phi, residual = queries.read(b0, b1)
+        if accumulation_dtype(phi.dtype) != index.dtype:
+            phi = phi.to(index.dtype)  # queries are embedded in the index's dtype, like its cached statistics
+        with torch.no_grad():
+            embedded = query_posterior.embed(phi, None if residual is None else residual.to(phi.dtype))
+        if cross_shared is not None and embedded.form is CovarianceForm.KRON:
+            # The index's copy of this tower's B^-1 (checked to match): its cached cross_quad then applies as is.
+            embedded = EmbeddingDistribution(embedded.mean, embedded.form, alpha=embedded.alpha, shared=cross_shared,
+                                             shared_eigvals=embedded.shared_eigvals, basis=embedded.basis)
+        result = search(index, embedded, k, args.score, args.kappa, logit_scale=logit_scale, logit_bias=logit_bias,
+                        shards=blocks[rank])
+        if world > 1:
+            parts = _gather_topk(result, counts, k, rank, world)
+            result = merge_topk(parts, k, args.score, args.kappa) if rank == 0 else None
+        if rank == 0:
+            values, rows, mean, var = result
+            query_ids = list(range(b0, b1)) if queries.ids is None else queries.ids[b0:b1].tolist()
+            item_ids = index.ids_of(rows)
+            for i, query_id in enumerate(query_ids):
+                out.write(json.dumps({"query": query_id, "ids": item_ids[i], "scores": values[i].tolist(),
+                                      "mean": mean[i].tolist(), "variance": var[i].tolist()}) + "\n")
+        bar.update(b1 - b0)
+    bar.close()
+    if rank != 0:
+        return 0
+    out.close()
+    os.replace(temporary, args.out)
+    elapsed = time.perf_counter() - start_time
+    print(f"retrieved the top {k} of {len(index)} {index.tower} items by '{args.score}' for {len(queries)} queries in "
+          f"{elapsed:.1f} s ({world} process{'es' if world > 1 else ''}); wrote {args.out}")
+    return 0
+
+
+def _gather_topk(result, counts: list[int], k: int, rank: int, world: int):
+    """Every rank's (values, rows, mean, var) [n, counts[r]] on rank 0, as merge_topk parts; None elsewhere.
+
+    Collectives need one shape on every rank, so each result is padded to k columns; rank 0 cuts the
+    padding off again by the counts, which every rank knows from the shard layout."""
+    import torch.distributed as dist
+
+    values, rows, mean, var = result
+    n, mine = values.shape[0], counts[rank]
+    device = collective_device(None)
+    floats = torch.zeros(3, n, k, dtype=values.dtype)
+    floats[:, :, :mine] = torch.stack([values, mean, var])
+    indices = torch.full((n, k), -1, dtype=torch.int64)
+    indices[:, :mine] = rows
+    floats, indices = floats.to(device), indices.to(device)
+    float_list = [torch.empty_like(floats) for _ in range(world)] if rank == 0 else None
+    index_list = [torch.empty_like(indices) for _ in range(world)] if rank == 0 else None
+    dist.gather(floats, float_list, dst=0)
+    dist.gather(indices, index_list, dst=0)
+    if rank != 0:
+        return None
+    return [(f[0, :, :c].cpu(), i[:, :c].cpu(), f[1, :, :c].cpu(), f[2, :, :c].cpu())
+            for f, i, c in zip(float_list, index_list, counts) if c > 0]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bayesvlm-ext", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -225,11 +618,54 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--resume", action="store_true", help="checkpoint to DIR/checkpoint.pt and resume from it")
     fit.add_argument("--seed", type=int, default=0, help="seeds the random initialisation when there is no --pretrained")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    index = commands.add_parser("index", help="embed a gallery into a retrieval index on disk (memory-mapped shards)")
+    index.add_argument("--posterior", required=True,
+                       help="output directory of `bayesvlm-ext fit` (posterior_image/, posterior_text/)")
+    index.add_argument("--tower", required=True, choices=["image", "text"],
+                       help="the gallery's tower; the other one is the query side")
+    source = index.add_mutually_exclusive_group(required=True)
+    source.add_argument("--features", help="safetensors file: features [M, P], optional ids [M] int64, residual [M, D]")
+    source.add_argument("--images", help="JSONL of {\"image\": PATH} or a folder of images (with --model)")
+    index.add_argument("--out", required=True, help="index directory")
+    index.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, help="gallery rows per shard file")
+    index.add_argument("--batch-size", type=int, default=1024,
+                       help="rows embedded at a time (images per forward pass with --images)")
+    index.add_argument("--logit-scale", type=float, default=None,
+                       help="log s stored as retrieve's default (with --images: the model's unless given)")
+    index.add_argument("--logit-bias", type=float, default=None, help="beta stored as retrieve's default")
+    index.add_argument("--model", default=None, help="open_clip model name, with --images")
+    index.add_argument("--pretrained", default=None, help="open_clip tag or checkpoint path (default: random init)")
+    index.add_argument("--precision", default="fp32", help="open_clip precision, with --images")
+    index.add_argument("--device", default="cpu", help="device of the model's forward with --images")
+    index.add_argument("--seed", type=int, default=0,
+                       help="seeds the random initialisation when there is no --pretrained")
+    index.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    retrieve = commands.add_parser("retrieve", help="top-k of an index for query features, as JSONL")
+    retrieve.add_argument("--index", required=True, help="index directory written by `bayesvlm-ext index`")
+    retrieve.add_argument("--posterior", required=True, help="the `fit` output directory the index was built with")
+    retrieve.add_argument("--queries", required=True,
+                          help="safetensors file: features [N, Q] of the other tower, optional ids [N] int64, "
+                               "residual [N, D]")
+    retrieve.add_argument("--k", type=int, default=10, help="gallery items per query")
+    retrieve.add_argument("--score", choices=[s.value for s in Score], default="mean",
+                          help="ranking: logit mean, mean -/+ kappa sd, or probit match probability")
+    retrieve.add_argument("--kappa", type=float, default=1.0, help="standard deviations for pessimistic/optimistic")
+    retrieve.add_argument("--out", required=True, help="JSONL file: one line per query")
+    retrieve.add_argument("--batch-size", type=int, default=256, help="queries per pass over the gallery")
+    retrieve.add_argument("--logit-scale", type=float, default=None, help="log s (default: the index's)")
+    retrieve.add_argument("--logit-bias", type=float, default=None, help="beta (default: the index's, else 0)")
+    retrieve.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "index":
+        return index_command(_checked_index_args(args))
+    if args.command == "retrieve":
+        return retrieve_command(_checked_retrieve_args(args))
     for name in ("class_batch_size", "batch_size"):
         if getattr(args, name) < 1:
             build_parser().error(f"--{name.replace('_', '-')} must be at least 1")
@@ -238,6 +674,45 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isfile(args.pairs):
         build_parser().error(f"--pairs {args.pairs}: no such file")
     return fit_command(args)
+
+
+def _checked_index_args(args: argparse.Namespace) -> argparse.Namespace:
+    parser = build_parser()
+    for name in ("shard_rows", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not os.path.isdir(args.posterior):
+        parser.error(f"--posterior {args.posterior}: no such directory")
+    if args.features is not None and not os.path.isfile(args.features):
+        parser.error(f"--features {args.features}: no such file")
+    if args.images is not None:
+        if not os.path.exists(args.images):
+            parser.error(f"--images {args.images}: no such file or directory")
+        if args.model is None:
+            parser.error("--images needs --model (the open_clip model that computes the features)")
+    for name in ("logit_scale", "logit_bias"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    return args
+
+
+def _checked_retrieve_args(args: argparse.Namespace) -> argparse.Namespace:
+    parser = build_parser()
+    for name in ("k", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("kappa", "logit_scale", "logit_bias"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if not os.path.isdir(args.index):
+        parser.error(f"--index {args.index}: no such directory")
+    if not os.path.isdir(args.posterior):
+        parser.error(f"--posterior {args.posterior}: no such directory")
+    if not os.path.isfile(args.queries):
+        parser.error(f"--queries {args.queries}: no such file")
+    return args
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
 from enum import Enum
 
 import torch
@@ -12,7 +14,7 @@ from ._validation import check_finite_scalar, parse_enum
 from .distribution import EmbeddingDistribution
 from .moments import Variant, _logit_params, pairwise_inputs
 
-__all__ = ["Score", "topk"]
+__all__ = ["Score", "topk", "merge_topk"]
 
 
 class Score(str, Enum):
@@ -59,3 +61,122 @@ def topk(
     with torch.no_grad():
         inputs = pairwise_inputs(queries, gallery, variant)
         return ops.topk_moments(*inputs[:6], scale, bias, inputs.trace_cross, k, _SCORE_CODE[score], kappa)
+
+
+def merge_topk(
+    candidates: Sequence[tuple[Tensor, Tensor, Tensor, Tensor]],  # per part: values, indices, mean, var [N, k_i]
+    k: int,
+    score: str | Score = "mean",
+    kappa: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # values, indices (int64), mean, var: [N, k] each
+    """The k best of several candidate lists per query, ranked exactly as `topk` ranks (SPEC.md section 7).
+
+    Each part is what `topk` returns for one piece of a gallery (a shard, a rank's rows), with its
+    indices already made global; a gallery index may appear at most once per query over all parts.
+    The result is sorted by score, best first, equal scores with the lower gallery index first, so
+    `merge_topk([topk(q, g[:a], ...) + offsets, topk(q, g[a:], ...) + offsets], k)` equals `topk(q, g, k)`
+    whenever the two calls score each (query, item) pair to the same bits. Merging is associative:
+    any grouping of the parts gives the same result.
+
+    The ranking key is the one the compiled kernel compares. For "mean", "pessimistic" and
+    "optimistic" that is the value itself. For "probit" the values are sigmoid(t) and the key is t,
+    which is not returned; recomputing t in PyTorch would differ from the kernel's t in the last bit
+    (it contracts to a fused multiply-add) and reorder near-ties, so the candidates are ranked by the
+    kernel itself: a query row holding the candidates' means and variances against a gallery of unit
+    vectors reproduces each (mean, var) exactly and the kernel's own score of it. O(N C^2) for C
+    candidates, done in steps of at most k + k_i columns.
+    """
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ValueError(f"argument 'k' must be an int, got {k!r}")
+    score = parse_enum("score", score, Score)
+    kappa = check_finite_scalar("kappa", kappa)
+    parts = _check_candidates(candidates)
+    total = sum(part[0].shape[1] for part in parts)
+    if not 0 <= k <= total:
+        raise ValueError(f"argument 'k' must be in [0, {total}] (the candidates per query), got {k}")
+    with torch.no_grad():
+        if score is not Score.PROBIT:
+            merged = _by_index([torch.cat(column, dim=1) for column in zip(*parts)])
+            chosen = torch.sort(merged[0], dim=1, descending=True, stable=True).indices[:, :k]
+            return tuple(t.gather(1, chosen) for t in merged)
+        best = _by_index(list(parts[0]))
+        best = _probit_best(best, min(k, best[0].shape[1]), kappa)
+        for part in parts[1:]:
+            merged = _by_index([torch.cat(pair, dim=1) for pair in zip(best, part)])
+            best = _probit_best(merged, min(k, merged[0].shape[1]), kappa)
+        return best
+
+
+def _check_candidates(candidates) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    if isinstance(candidates, (Tensor, str)) or not isinstance(candidates, Sequence) or len(candidates) == 0:
+        raise ValueError("argument 'candidates' must be a non-empty sequence of (values, indices, mean, var) tuples")
+    parts = []
+    for number, part in enumerate(candidates):
+        if not isinstance(part, (tuple, list)) or len(part) != 4 or not all(isinstance(t, Tensor) for t in part):
+            raise ValueError(f"argument 'candidates'[{number}] must be a tuple of four tensors (values, indices, "
+                             "mean, var)")
+        values, indices, mean, var = part
+        first = parts[0] if parts else part
+        for name, t in (("values", values), ("indices", indices), ("mean", mean), ("var", var)):
+            if t.dim() != 2 or t.shape[0] != first[0].shape[0] or t.shape != values.shape:
+                raise ValueError(f"argument 'candidates'[{number}]: '{name}' must be [N, k_i] with N = "
+                                 f"{first[0].shape[0]} and the shape of values {tuple(values.shape)}, got "
+                                 f"{tuple(t.shape)}")
+            if t.device != first[0].device:
+                raise ValueError(f"argument 'candidates'[{number}]: '{name}' must be on {first[0].device}, "
+                                 f"got {t.device}")
+        if indices.dtype != torch.int64:
+            raise ValueError(f"argument 'candidates'[{number}]: 'indices' must be int64, got {indices.dtype}")
+        for name, t in (("values", values), ("mean", mean), ("var", var)):
+            if t.dtype not in (torch.float32, torch.float64) or t.dtype != first[0].dtype:
+                raise ValueError(f"argument 'candidates'[{number}]: '{name}' must be float32 or float64 like the "
+                                 f"first part's values ({first[0].dtype}), got {t.dtype}")
+        parts.append((values, indices, mean, var))
+    return parts
+
+
+def _by_index(columns: list[Tensor]) -> list[Tensor]:  # values, indices, mean, var: [N, C], each row by index
+    """The candidates of each query in increasing gallery index, so that a stable ranking breaks ties by index."""
+    indices = columns[1]
+    order = torch.sort(indices, dim=1, stable=True).indices
+    columns = [t.gather(1, order) for t in columns]
+    if indices.shape[1] > 1 and bool((columns[1][:, 1:] == columns[1][:, :-1]).any()):
+        raise ValueError("argument 'candidates' holds one gallery index twice for a query; the parts must "
+                         "cover disjoint gallery rows")
+    return columns
+
+
+def _probit_best(columns: list[Tensor], k: int, kappa: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The k best candidates by the kernel's probit logit; `columns` sorted by index within each row."""
+    values, indices, mean, var = columns
+    n, c = mean.shape
+    if n == 0 or c == 0 or k == 0:
+        return tuple(t[:, :k] for t in columns)
+    # Query i reads mean[i] and var[i] as its embedding and variance features; gallery item j is the
+    # unit vector e_j on both. Every dot product then has one non-zero term and every factor is 1, so
+    # the kernel sees each candidate's (mean, var) unchanged and ranks columns by its own t, ties by
+    # column, which is gallery index order here.
+    eye = torch.eye(c, dtype=mean.dtype, device=mean.device)
+    unit = mean.new_tensor([1.0, 0.0, 0.0])  # inverse norm 1, alpha and quad unused with variance features
+    with _ieee_fp32_matmul(mean.device):
+        chosen = ops.topk_moments(mean.contiguous(), eye, unit.expand(n, 3).contiguous(),
+                                  unit.expand(c, 3).contiguous(), var.contiguous(), eye, 1.0, 0.0, 0.0, k,
+                                  _SCORE_CODE[Score.PROBIT], kappa)[1]
+    # The original tensors, gathered, keep every bit (a -0.0 mean included) whatever the kernel wrote.
+    return tuple(t.gather(1, chosen) for t in columns)
+
+
+@contextlib.contextmanager
+def _ieee_fp32_matmul(device: torch.device):
+    """Full-precision float32 GEMMs inside (the CUDA kernel follows torch's TF32 setting, and TF32 would round
+    the candidates' means before the unit-vector product could pass them through exactly)."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous

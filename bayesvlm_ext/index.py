@@ -1,0 +1,681 @@
+"""A retrieval index on disk: a gallery's means and per-item statistics in memory-mapped shards (SPEC.md section 7).
+
+Scoring a gallery item against queries needs its mean and a few per-item numbers (SPEC.md section 4):
+the Kronecker scalar alpha (or the eigen-form variances k), ||mean||^2 and mean^T B_query^-1 mean. An
+index stores exactly those, computed once, so that `search` streams the gallery through the fused top-k
+kernel at O(M D) per query batch with no O(M D^2) work for the kron form (the eigen form's "exact" moments
+still rotate each shard's means into the query basis, O(m D^2) per shard and pass, in
+`moments.pairwise_inputs`). Directory layout (format version 1):
+
+  index.json               format, version, rows M, dim D, form, dtype, tower, logit scale and bias (or
+                           null), the posteriors' hyper-parameters, the shard list [{file, start, stop}], ids kind
+  shared.safetensors       what all items share: "shared" [D, D], "shared_eigvals" [D], "basis" [D, D]
+                           (kron form), "basis" (eigen form); "cross_shared" [D, D], the query side's
+                           B^-1 that cross_quad was computed against (kron-form queries only)
+  shard-00000.safetensors  rows [start, stop) of the gallery, m = stop - start: "mean" [m, D],
+  shard-00001.safetensors  "alpha" [m] (kron) | "k" [m, D] (eigen) | "variances" [m, D] (diag),
+  ...                      "sq_norm" [m], "cross_quad" [m] (when there is cross_shared), "row" [m] int64
+  ids.safetensors          "ids" [M] int64, when the ids are integers (else ids.json, a list of strings;
+                           neither when the ids are the row numbers)
+
+Shards are standard safetensors files (tensors at 64-byte boundaries). `open_index` maps them with
+mmap (torch.from_file, MAP_PRIVATE; treat them as read-only): a shard's tensors are views of the page
+cache, read from disk on first touch and never copied, so a gallery larger than memory can be searched;
+a shard's mapping lives as long as the RetrievalIndex. Shard s holds rows [s * shard_rows, (s + 1) *
+shard_rows); its rows are embedded `batch_size` at a time from its first row, so its bytes do not
+depend on which process wrote it (torchrun: each rank `IndexWriter.embed_shard`s its block, rank 0
+calls `finish` once all are written).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._validation import accumulation_dtype, check_tensor
+from .distribution import CovarianceForm, EmbeddingDistribution
+from .posterior import KronPosterior
+from .retrieval import Score, merge_topk, topk
+
+__all__ = ["IndexWriter", "RetrievalIndex", "ShardInfo", "build_index", "save_index", "open_index", "search",
+           "shard_ranges", "open_safetensors", "DEFAULT_SHARD_ROWS"]
+
+FORMAT = "bayesvlm_ext.RetrievalIndex"
+VERSION = 1
+MANIFEST_FILE = "index.json"
+SHARED_FILE = "shared.safetensors"
+IDS_TENSOR_FILE = "ids.safetensors"
+IDS_JSON_FILE = "ids.json"
+DEFAULT_SHARD_ROWS = 65536  # 128 MiB of float32 means at D = 512: large next to one GEMM tile, small next to memory
+
+_PER_ITEM = {CovarianceForm.KRON: "alpha", CovarianceForm.EIGEN: "k", CovarianceForm.DIAG: "variances"}
+_SHARED = {CovarianceForm.KRON: ("shared", "shared_eigvals", "basis"), CovarianceForm.EIGEN: ("basis",),
+           CovarianceForm.DIAG: ()}
+_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+_ALIGNMENT = 64  # bytes, as PyTorch's CPU allocator aligns
+_MAX_HEADER = 100 * 2**20  # a safetensors header larger than this is a corrupt file, not a real one
+
+
+def shard_file_name(number: int) -> str:
+    return f"shard-{number:05d}.safetensors"
+
+
+def shard_ranges(rows: int, shard_rows: int) -> list[tuple[int, int]]:
+    """[(start, stop)] of each shard: consecutive blocks of `shard_rows` rows, the last one shorter."""
+    for name, value, least in (("rows", rows, 1), ("shard_rows", shard_rows, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"argument '{name}' must be an int >= {least}, got {value!r}")
+    return [(start, min(start + shard_rows, rows)) for start in range(0, rows, shard_rows)]
+
+
+# ---- writing ---------------------------------------------------------------------------------------------
+
+class IndexWriter:
+    """Writes an index shard by shard; the shards may be written by different processes, `finish` once.
+
+    `template`: an EmbeddingDistribution of any length (zero rows is fine) carrying what every item of
+    the gallery shares: its form, D, dtype (float32 or float64) and shared matrices, and `cross_shared`
+    (the query side's matrix) when the gallery caches cross_quad. `IndexWriter.for_posteriors` builds it
+    from the two towers' posteriors.
+    """
+
+    def __init__(self, directory: str | os.PathLike, template: EmbeddingDistribution, rows: int, *,
+                 shard_rows: int = DEFAULT_SHARD_ROWS, ids: Tensor | Sequence | None = None, tower: str | None = None,
+                 logit_scale: float | None = None, logit_bias: float | None = None, posteriors: dict | None = None):
+        if not isinstance(template, EmbeddingDistribution):
+            raise ValueError(f"argument 'template' must be an EmbeddingDistribution, got {type(template).__name__}")
+        if template.mean.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"argument 'template' must have float32 or float64 means, got {template.mean.dtype}")
+        if tower is not None and tower not in ("image", "text"):
+            raise ValueError(f"argument 'tower' must be 'image', 'text' or None, got {tower!r}")
+        self.ranges = shard_ranges(rows, shard_rows)
+        self.directory, self.rows, self.shard_rows = os.fspath(directory), rows, shard_rows
+        self.form, self.dim, self.dtype = template.form, template.dim, template.mean.dtype
+        self.shared = {name: _cpu(getattr(template, name), self.dtype) for name in _SHARED[self.form]}
+        if any(t is None for t in self.shared.values()):
+            template.eigen_form()  # fills a kron template's eigenbasis
+            self.shared = {name: _cpu(getattr(template, name), self.dtype) for name in _SHARED[self.form]}
+        self.cross_shared = _cpu(template.cross_shared, self.dtype)
+        if self.cross_shared is not None:
+            self.shared["cross_shared"] = self.cross_shared
+        self.ids_kind, self.ids = _check_ids(ids, rows)
+        self.tower = tower
+        self.logit_scale = None if logit_scale is None else float(logit_scale)
+        self.logit_bias = None if logit_bias is None else float(logit_bias)
+        self.posteriors = posteriors or {}
+        os.makedirs(self.directory, exist_ok=True)
+
+    @classmethod
+    def for_posteriors(
+        cls,
+        directory: str | os.PathLike,
+        gallery_posterior: KronPosterior,  # the gallery tower's posterior
+        query_posterior: KronPosterior | None,  # the other tower: its B^-1 is cached as cross_quad
+        rows: int,
+        dtype: torch.dtype = torch.float32,  # of the stored statistics: accumulation dtype of the features
+        **kwargs,
+    ) -> "IndexWriter":
+        """A writer for the gallery `gallery_posterior.embed(phi, against=query_posterior)` (SPEC.md section 3)."""
+        if not isinstance(gallery_posterior, KronPosterior):
+            raise ValueError(f"argument 'gallery_posterior' must be a KronPosterior, got "
+                             f"{type(gallery_posterior).__name__}")
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"argument 'dtype' must be torch.float32 or torch.float64, got {dtype}")
+        empty = torch.zeros(0, gallery_posterior.in_features, dtype=dtype, device=gallery_posterior.device)
+        template = gallery_posterior.embed(empty, against=query_posterior)
+        posteriors = {"gallery": posterior_summary(gallery_posterior)}
+        if query_posterior is not None:
+            posteriors["query"] = posterior_summary(query_posterior)
+        writer = cls(directory, template, rows, posteriors=posteriors, **kwargs)
+        writer.gallery_posterior, writer.query_posterior = gallery_posterior, query_posterior
+        return writer
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.ranges)
+
+    def shard_range(self, number: int) -> tuple[int, int]:
+        """(start, stop): the gallery rows of shard `number`."""
+        if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number < self.num_shards:
+            raise ValueError(f"argument 'number' must be a shard number in [0, {self.num_shards}), got {number!r}")
+        return self.ranges[number]
+
+    def embed_shard(
+        self,
+        number: int,
+        phi: Tensor,  # [m, P] features of the shard's rows, m = stop - start
+        residual: Tensor | None = None,  # [m, D] fixed residual (SigLIP image tower)
+        batch_size: int | None = None,  # rows per embed call, counted from the shard's first row (default: all)
+    ) -> None:
+        """Embeds the shard's features with the writer's posteriors and writes the shard file."""
+        posterior = getattr(self, "gallery_posterior", None)
+        if posterior is None:
+            raise ValueError("embed_shard needs a writer made by IndexWriter.for_posteriors; use write()")
+        start, stop = self.shard_range(number)
+        check_tensor("phi", phi, dim=2)
+        if phi.shape[0] != stop - start:
+            raise ValueError(f"argument 'phi' must have {stop - start} rows (shard {number} is rows [{start}, "
+                             f"{stop})), got {phi.shape[0]}")
+        if accumulation_dtype(phi.dtype) != self.dtype:
+            raise ValueError(f"argument 'phi' must be embedded in {self.dtype} like the index (float64 features "
+                             f"for a float64 index, any other float dtype for float32), got {phi.dtype}")
+        if batch_size is None:
+            batch_size = max(phi.shape[0], 1)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"argument 'batch_size' must be an int >= 1, got {batch_size!r}")
+        parts = []
+        with torch.no_grad():
+            for b0 in range(0, phi.shape[0], batch_size):
+                part_residual = None if residual is None else residual[b0:b0 + batch_size]
+                parts.append(posterior.embed(phi[b0:b0 + batch_size], part_residual, against=self.query_posterior))
+        self.write(number, _concatenate(parts))
+
+    def write(self, number: int, part: EmbeddingDistribution) -> None:
+        """Writes shard `number` from its rows' distribution (statistics not cached on `part` are computed)."""
+        start, stop = self.shard_range(number)
+        if not isinstance(part, EmbeddingDistribution):
+            raise ValueError(f"argument 'part' must be an EmbeddingDistribution, got {type(part).__name__}")
+        if len(part) != stop - start or part.dim != self.dim or part.form is not self.form:
+            raise ValueError(f"argument 'part' must be {stop - start} '{self.form.value}'-form items of D = {self.dim} "
+                             f"(shard {number}), got {len(part)} '{part.form.value}'-form items of D = {part.dim}")
+        if part.mean.dtype != self.dtype:
+            raise ValueError(f"argument 'part' must have {self.dtype} means like the index, got {part.mean.dtype}")
+        for name, stored in self.shared.items():
+            given = part.cross_shared if name == "cross_shared" else getattr(part, name)
+            if name in ("shared_eigvals", "basis") and given is None:
+                continue  # a kron part without its eigenbasis: the index keeps the template's
+            if given is None or not torch.equal(_cpu(given, self.dtype), stored):
+                raise ValueError(f"argument 'part' must share the index's '{name}' matrix; it belongs to another "
+                                 "posterior or was cached against another query side")
+        if part.sq_norm is None or (self.cross_shared is not None and part.cross_quad is None):
+            part = part.precompute(against=self.cross_shared)
+        tensors = {"mean": part.mean, _PER_ITEM[self.form]: getattr(part, _PER_ITEM[self.form]),
+                   "sq_norm": part.sq_norm}
+        if self.cross_shared is not None:
+            tensors["cross_quad"] = part.cross_quad
+        tensors = {name: _cpu(t, self.dtype) for name, t in tensors.items()}
+        tensors["row"] = torch.arange(start, stop, dtype=torch.int64)
+        _save(tensors, os.path.join(self.directory, shard_file_name(number)))
+
+    def finish(self) -> None:
+        """Writes shared.safetensors, the ids and, last, index.json (after every shard exists)."""
+        missing = [shard_file_name(n) for n in range(self.num_shards)
+                   if not os.path.isfile(os.path.join(self.directory, shard_file_name(n)))]
+        if missing:
+            raise ValueError(f"index {self.directory}: {len(missing)} shard(s) not written yet, e.g. {missing[0]}")
+        if self.shared:
+            _save(self.shared, os.path.join(self.directory, SHARED_FILE))
+        if self.ids_kind == "int":
+            _save({"ids": self.ids}, os.path.join(self.directory, IDS_TENSOR_FILE))
+        elif self.ids_kind == "str":
+            _write_json(self.ids, os.path.join(self.directory, IDS_JSON_FILE))
+        manifest = {"format": FORMAT, "version": VERSION, "rows": self.rows, "dim": self.dim, "form": self.form.value,
+                    "dtype": _DTYPE_NAMES[self.dtype], "tower": self.tower, "shard_rows": self.shard_rows,
+                    "logit_scale": self.logit_scale, "logit_bias": self.logit_bias, "ids": self.ids_kind,
+                    "cross_quad": self.cross_shared is not None, "posteriors": self.posteriors,
+                    "shards": [{"file": shard_file_name(n), "start": start, "stop": stop}
+                               for n, (start, stop) in enumerate(self.ranges)]}
+        _write_json(manifest, os.path.join(self.directory, MANIFEST_FILE))
+
+    def discard_manifest(self) -> None:
+        """Removes an earlier index.json from the directory, so that a half-rewritten index never opens."""
+        path = os.path.join(self.directory, MANIFEST_FILE)
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def posterior_summary(posterior: KronPosterior) -> dict:
+    """What identifies a posterior cheaply: its sizes and hyper-parameters (stored in index.json, checked on use)."""
+    return {"damping": posterior.damping.value, "in_features": posterior.in_features,
+            "out_features": posterior.out_features, "bias": posterior.bias is not None,
+            "prior_precision": posterior.prior_precision, "pseudo_count": posterior.pseudo_count}
+
+
+def build_index(
+    directory: str | os.PathLike,
+    gallery_posterior: KronPosterior,  # the gallery tower's posterior
+    features: Tensor,  # [M, P] the gallery's features (may itself be memory-mapped)
+    query_posterior: KronPosterior | None = None,  # the other tower, whose B^-1 the cross_quad cache uses
+    *,
+    residual: Tensor | None = None,  # [M, D] fixed residual (SigLIP image tower)
+    shard_rows: int = DEFAULT_SHARD_ROWS,
+    batch_size: int | None = None,  # rows per embed call within a shard (default: the whole shard)
+    ids: Tensor | Sequence | None = None,  # [M] int64 tensor, or M ints or strings; default: row numbers
+    tower: str | None = None,  # "image" or "text": the gallery's tower, for the command line
+    logit_scale: float | None = None,  # log s, stored as the default for search
+    logit_bias: float | None = None,
+) -> "RetrievalIndex":
+    """Embeds a gallery shard by shard into an index at `directory` and opens it (SPEC.md sections 3 and 7).
+
+    Each shard is `gallery_posterior.embed(features[rows], residual[rows], against=query_posterior)`,
+    `batch_size` rows at a time from the shard's first row: memory beyond `features` is one shard.
+    Statistics are stored in the accumulation dtype of `features` (float64 for float64, else float32).
+    """
+    check_tensor("features", features, dim=2)
+    if residual is not None:
+        check_tensor("residual", residual, dim=2)
+        if residual.shape[0] != features.shape[0]:
+            raise ValueError(f"argument 'residual' must have one row per feature row ({features.shape[0]}), got "
+                             f"{residual.shape[0]}")
+    if features.shape[0] == 0:
+        raise ValueError("argument 'features' must have at least one row (an index of nothing cannot be searched)")
+    writer = IndexWriter.for_posteriors(directory, gallery_posterior, query_posterior, features.shape[0],
+                                        accumulation_dtype(features.dtype), shard_rows=shard_rows, ids=ids,
+                                        tower=tower, logit_scale=logit_scale, logit_bias=logit_bias)
+    writer.discard_manifest()
+    for number, (start, stop) in enumerate(writer.ranges):
+        writer.embed_shard(number, features[start:stop], None if residual is None else residual[start:stop],
+                           batch_size=batch_size)
+    writer.finish()
+    return open_index(directory)
+
+
+def save_index(
+    directory: str | os.PathLike,
+    gallery: EmbeddingDistribution,  # M embeddings, ideally `precompute(against=queries)`d
+    *,
+    shard_rows: int = DEFAULT_SHARD_ROWS,
+    ids: Tensor | Sequence | None = None,  # [M] int64 tensor, or M ints or strings; default: row numbers
+    tower: str | None = None,
+    logit_scale: float | None = None,
+    logit_bias: float | None = None,
+) -> "RetrievalIndex":
+    """Writes an embedded gallery (any form: kron, eigen or diag) as an index and opens it.
+
+    Statistics cached on `gallery` are stored as they are; missing ones are computed shard by shard
+    (cross_quad against `gallery.cross_shared`, when set).
+    """
+    if not isinstance(gallery, EmbeddingDistribution):
+        raise ValueError(f"argument 'gallery' must be an EmbeddingDistribution, got {type(gallery).__name__}")
+    if len(gallery) == 0:
+        raise ValueError("argument 'gallery' must have at least one item (an index of nothing cannot be searched)")
+    writer = IndexWriter(directory, gallery, len(gallery), shard_rows=shard_rows, ids=ids, tower=tower,
+                         logit_scale=logit_scale, logit_bias=logit_bias)
+    writer.discard_manifest()
+    for number, (start, stop) in enumerate(writer.ranges):
+        writer.write(number, gallery[start:stop])
+    writer.finish()
+    return open_index(directory)
+
+
+# ---- reading ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ShardInfo:
+    file: str  # path of the shard's safetensors file
+    start: int  # first gallery row
+    stop: int  # one past the last
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+class RetrievalIndex:
+    """An index opened by `open_index`. Small parts (the shared matrices, the manifest) are read into
+    memory; the shards' tensors are memory-mapped each time `shard` is called.
+
+    Attributes: directory, rows (M, also len), dim (D), form, dtype, tower ("image", "text" or None),
+    logit_scale, logit_bias (None when not stored), shards (ShardInfo per shard), shared (name ->
+    tensor: "shared", "shared_eigvals", "basis", "cross_shared" as the form has them), posteriors (the
+    hyper-parameters of the posteriors it was built from, {} when built from embeddings).
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = os.fspath(directory)
+        manifest_file = os.path.join(self.directory, MANIFEST_FILE)
+        if not os.path.isdir(self.directory):
+            raise FileNotFoundError(f"index {self.directory}: no such directory")
+        if not os.path.isfile(manifest_file):
+            raise FileNotFoundError(f"index {self.directory}: missing {MANIFEST_FILE} (not an index, or one still "
+                                    "being written)")
+        try:
+            with open(manifest_file) as f:
+                manifest = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"index {self.directory}: {MANIFEST_FILE} is not valid JSON ({error})") from None
+        self._manifest = manifest
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+            raise ValueError(f"index {self.directory}: {MANIFEST_FILE} has format {found!r}, expected {FORMAT!r}")
+        if manifest.get("version") != VERSION:
+            raise ValueError(f"index {self.directory}: format version {manifest.get('version')!r} is not supported "
+                             f"(this bayesvlm_ext reads version {VERSION}); rebuild it with `bayesvlm-ext index`")
+        try:
+            self.rows, self.dim = _int(manifest, "rows", 1), _int(manifest, "dim", 1)
+            self.form = CovarianceForm(manifest["form"])
+            self.dtype = {name: dtype for dtype, name in _DTYPE_NAMES.items()}[manifest["dtype"]]
+            self.tower = manifest["tower"]
+            self.logit_scale, self.logit_bias = manifest["logit_scale"], manifest["logit_bias"]
+            self.posteriors = manifest["posteriors"]
+            ids_kind, has_cross_quad, shards = manifest["ids"], manifest["cross_quad"], manifest["shards"]
+        except (KeyError, ValueError, TypeError) as error:
+            raise ValueError(f"index {self.directory}: {MANIFEST_FILE} is corrupt ({type(error).__name__}: {error})") \
+                from None
+        if self.tower not in (None, "image", "text") or ids_kind not in ("row", "int", "str") \
+                or not isinstance(shards, list) or not shards:
+            raise ValueError(f"index {self.directory}: {MANIFEST_FILE} is corrupt (tower, ids or shards)")
+
+        per_item = _PER_ITEM[self.form]
+        expected = {"mean": (self.dtype, "D"), per_item: (self.dtype, "D" if per_item != "alpha" else None),
+                    "sq_norm": (self.dtype, None), "row": (torch.int64, None)}
+        if has_cross_quad:
+            expected["cross_quad"] = (self.dtype, None)
+        self.shards, self._headers, position = [], [], 0
+        for number, entry in enumerate(shards):
+            try:
+                info = ShardInfo(os.path.join(self.directory, entry["file"]), int(entry["start"]), int(entry["stop"]))
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"index {self.directory}: shard entry {number} is corrupt: {entry!r}") from None
+            if info.start != position or info.stop <= info.start:
+                raise ValueError(f"index {self.directory}: shard {number} covers rows [{info.start}, {info.stop}); "
+                                 f"expected rows from {position} on")
+            header = _MappedSafetensors(info.file)
+            for name, (dtype, width) in expected.items():
+                header.expect(name, dtype, (len(info), self.dim) if width else (len(info),))
+            self.shards.append(info)
+            self._headers.append(header)
+            position = info.stop
+        if position != self.rows:
+            raise ValueError(f"index {self.directory}: the shards cover {position} rows, the manifest says {self.rows}")
+
+        names = _SHARED[self.form] + (("cross_shared",) if has_cross_quad else ())
+        self.shared = {}
+        if names:
+            shared_file = _MappedSafetensors(os.path.join(self.directory, SHARED_FILE))
+            for name in names:
+                shape = (self.dim,) if name == "shared_eigvals" else (self.dim, self.dim)
+                shared_file.expect(name, self.dtype, shape)
+                self.shared[name] = shared_file.tensor(name).clone()  # O(D^2) in memory; clone keeps the strides
+        self._ids_kind, self._ids = ids_kind, None
+        if ids_kind == "int":
+            ids_file = _MappedSafetensors(os.path.join(self.directory, IDS_TENSOR_FILE))
+            ids_file.expect("ids", torch.int64, (self.rows,))
+            self._ids = ids_file.tensor("ids")
+        elif ids_kind == "str":
+            path = os.path.join(self.directory, IDS_JSON_FILE)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"index {self.directory}: missing {IDS_JSON_FILE}")
+            with open(path) as f:
+                self._ids = json.load(f)
+            if not isinstance(self._ids, list) or len(self._ids) != self.rows:
+                raise ValueError(f"index {self.directory}: {IDS_JSON_FILE} must list {self.rows} ids")
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __repr__(self) -> str:
+        return (f"RetrievalIndex({self.directory!r}, rows={self.rows}, dim={self.dim}, form={self.form.value!r}, "
+                f"dtype={self.dtype}, shards={len(self.shards)}, tower={self.tower!r})")
+
+    def shard(self, number: int) -> EmbeddingDistribution:  # m items, memory-mapped, statistics cached
+        """Shard `number` as an EmbeddingDistribution ready for `retrieval.topk` (cached sq_norm, cross_quad)."""
+        header = self._headers[self._check_number(number)]
+        get = header.tensor
+        cross = self.shared.get("cross_shared")
+        return EmbeddingDistribution(
+            get("mean"), self.form, alpha=get("alpha") if self.form is CovarianceForm.KRON else None,
+            shared=self.shared.get("shared"), shared_eigvals=self.shared.get("shared_eigvals"),
+            basis=self.shared.get("basis"), k=get("k") if self.form is CovarianceForm.EIGEN else None,
+            variances=get("variances") if self.form is CovarianceForm.DIAG else None, sq_norm=get("sq_norm"),
+            cross_quad=get("cross_quad") if cross is not None else None, cross_shared=cross)
+
+    def shard_rows(self, number: int) -> Tensor:  # [m] int64 gallery rows, memory-mapped
+        return self._headers[self._check_number(number)].tensor("row")
+
+    def ids_of(self, rows: Tensor) -> list:  # rows: [...] int64 gallery rows; nested lists of the same shape
+        """The ids of gallery rows: row numbers, the stored integers or the stored strings."""
+        if self._ids_kind == "row":
+            return rows.tolist()
+        if self._ids_kind == "int":
+            return self._ids[rows.cpu()].tolist()
+        return _nested(rows.tolist(), self._ids)
+
+    def _check_number(self, number: int) -> int:
+        if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number < len(self.shards):
+            raise ValueError(f"argument 'number' must be a shard number in [0, {len(self.shards)}), got {number!r}")
+        return number
+
+
+def open_index(directory: str | os.PathLike) -> RetrievalIndex:
+    """Opens an index written by `build_index`, `save_index` or `bayesvlm-ext index`; checks its format,
+    version and every shard's header (not the data). Raises FileNotFoundError or ValueError."""
+    return RetrievalIndex(directory)
+
+
+# ---- searching -------------------------------------------------------------------------------------------
+
+def search(
+    index: RetrievalIndex,
+    queries: EmbeddingDistribution,  # N query embeddings of the other tower
+    k: int,
+    score: str | Score = "mean",
+    kappa: float = 1.0,
+    *,
+    logit_scale: float | Tensor | None = None,  # log s; default: the index's
+    logit_bias: float | Tensor | None = None,  # default: the index's, else 0
+    shards: Iterable[int] | None = None,  # which shards to search (default all): one rank's share
+    variant: str | None = None,  # moment variant, as in cosine_moments
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # values, gallery rows (int64), mean, var: [N, min(k, rows searched)]
+    """The k best gallery rows per query by `score`, streamed shard by shard (SPEC.md section 7).
+
+    Each shard goes through `retrieval.topk` (the fused kernel) and its candidates are merged into a
+    running top-k with `retrieval.merge_topk`: the result is sorted by score, ties to the lower row,
+    and equals `topk` over the whole gallery whenever both score each pair to the same bits. Memory:
+    one shard's mapping plus O(N k); no [N, M] matrix. With `shards`, only those are searched and the
+    result has min(k, their rows) columns; merging such results with `merge_topk` gives the full answer.
+    """
+    if not isinstance(index, RetrievalIndex):
+        raise ValueError(f"argument 'index' must be a RetrievalIndex (open_index), got {type(index).__name__}")
+    if not isinstance(queries, EmbeddingDistribution):
+        raise ValueError(f"argument 'queries' must be an EmbeddingDistribution, got {type(queries).__name__}")
+    if queries.dim != index.dim:
+        raise ValueError(f"argument 'queries' must have D = {index.dim} like the index, got {queries.dim}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(index):
+        raise ValueError(f"argument 'k' must be an int in [1, {len(index)}] (the gallery size), got {k!r}")
+    if logit_scale is None:
+        if index.logit_scale is None:
+            raise ValueError("argument 'logit_scale' must be given: the index stores none")
+        logit_scale = index.logit_scale
+    if logit_bias is None:
+        logit_bias = 0.0 if index.logit_bias is None else index.logit_bias
+    numbers = list(range(len(index.shards))) if shards is None else [index._check_number(n) for n in shards]
+    if len(set(numbers)) != len(numbers):
+        raise ValueError(f"argument 'shards' must not repeat a shard, got {numbers}")
+    best = None
+    for number in numbers:
+        gallery = index.shard(number)
+        if gallery.device != queries.device:
+            gallery = gallery.to(queries.device)
+        values, local, mean, var = topk(queries, gallery, min(k, len(gallery)), score, kappa,
+                                        logit_scale=logit_scale, logit_bias=logit_bias, variant=variant)
+        part = (values, index.shard_rows(number).to(queries.device)[local], mean, var)
+        best = part if best is None else merge_topk([best, part], min(k, best[0].shape[1] + values.shape[1]),
+                                                    score, kappa)
+    if best is None:
+        dtype = accumulation_dtype(torch.promote_types(queries.mean.dtype, index.dtype))
+        empty = torch.empty(len(queries), 0, dtype=dtype, device=queries.device)
+        return empty, torch.empty(len(queries), 0, dtype=torch.int64, device=queries.device), empty, empty.clone()
+    return best
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+
+class _MappedSafetensors:
+    """A safetensors file whose header is parsed here and whose tensors are views of one mmap of the file.
+
+    safetensors' own loaders copy tensors into memory; this maps the file (torch.from_file, MAP_PRIVATE)
+    and returns views, so the data stay in the page cache and are read on first touch.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"missing file {path}")
+        self.size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if not 0 < length <= min(self.size - 8, _MAX_HEADER):
+                raise ValueError(f"{path} is not a safetensors file (bad header length)")
+            try:
+                header = json.loads(f.read(length))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise ValueError(f"{path} is not a safetensors file (header is not JSON)") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path} is not a safetensors file (header is not a JSON object)")
+        metadata = header.pop("__metadata__", None) or {}
+        column_major = metadata.get("column_major", "") if isinstance(metadata, dict) else ""
+        self.column_major = set(column_major.split(",")) if isinstance(column_major, str) and column_major else set()
+        self.data_start, self.entries, self._bytes = 8 + length, {}, None
+        for name, entry in header.items():
+            try:
+                dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+                shape = tuple(int(s) for s in entry["shape"])
+                begin, end = (int(o) for o in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{path}: header entry {name!r} is corrupt or of an unsupported dtype") from None
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            if (min(shape, default=0) < 0 or end - begin != math.prod(shape) * itemsize or begin < 0
+                    or self.data_start + end > self.size):
+                raise ValueError(f"{path}: tensor {name!r} does not fit the file (shape {shape}, bytes "
+                                 f"[{begin}, {end}))")
+            if (self.data_start + begin) % itemsize:
+                raise ValueError(f"{path}: tensor {name!r} is not aligned to its {itemsize}-byte elements; cannot be "
+                                 "memory-mapped")
+            if name in self.column_major:
+                if len(shape) != 2:
+                    raise ValueError(f"{path}: tensor {name!r} is listed as column-major but is not 2-D")
+                shape = shape[::-1]  # the stored data is the transpose
+            self.entries[name] = (dtype, shape, begin, end)
+
+    def expect(self, name: str, dtype: torch.dtype, shape: tuple) -> None:
+        if name not in self.entries:
+            raise ValueError(f"{self.path} lacks the tensor {name!r}")
+        found_dtype, found_shape = self.entries[name][:2]
+        if found_dtype != dtype or found_shape != tuple(shape):
+            raise ValueError(f"{self.path}: tensor {name!r} must be {dtype} of shape {tuple(shape)}, got {found_dtype} "
+                             f"of shape {found_shape}")
+
+    def tensor(self, name: str) -> Tensor:
+        """A view of the mapped file (no copy). Treat it as read-only: writes stay private to this process."""
+        dtype, shape, begin, end = self.entries[name]
+        if name in self.column_major:
+            return self._view(dtype, shape[::-1], begin, end).T
+        return self._view(dtype, shape, begin, end)
+
+    def _view(self, dtype: torch.dtype, shape: tuple, begin: int, end: int) -> Tensor:
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        if self._bytes is None:
+            self._bytes = torch.from_file(self.path, shared=False, size=self.size, dtype=torch.uint8)
+        offset = self.data_start + begin
+        return self._bytes[offset:offset + end - begin].view(dtype).view(shape)
+
+
+def open_safetensors(path: str | os.PathLike) -> _MappedSafetensors:
+    """A memory-mapped reader of one safetensors file: `.entries` (name -> dtype, shape, ...), `.tensor(name)`."""
+    return _MappedSafetensors(os.fspath(path))
+
+
+def _save(tensors: dict[str, Tensor], path: str) -> None:
+    """Writes a safetensors file whose tensors start at multiples of 64 bytes, via a temporary name and an
+    atomic rename (readers see a whole file or none).
+
+    The alignment is that of PyTorch's own allocations: BLAS kernels may round differently for
+    differently aligned operands, and a mapped shard should score exactly like the same tensor in
+    memory. safetensors forbids holes in the data, so gaps are filled by uint8 tensors "__pad<i>__".
+    A [D, D] tensor stored transposed (it was column-major, as torch.linalg.eigh returns bases) is
+    listed in the metadata "column_major" and comes back with the same strides.
+    """
+    entries, blobs, offset, column_major = {}, [], 0, []
+    for name, t in tensors.items():
+        t = t.detach().cpu()
+        if t.dim() == 2 and not t.is_contiguous() and t.T.is_contiguous():
+            t, column_major = t.T, column_major + [name]
+        t = t.contiguous()
+        if offset % _ALIGNMENT:
+            gap = _ALIGNMENT - offset % _ALIGNMENT
+            entries[f"__pad{len(blobs)}__"] = {"dtype": "U8", "shape": [gap], "data_offsets": [offset, offset + gap]}
+            blobs.append(bytes(gap))
+            offset += gap
+        nbytes = t.numel() * t.element_size()
+        entries[name] = {"dtype": _SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape),
+                         "data_offsets": [offset, offset + nbytes]}
+        blobs.append(t.reshape(-1).view(torch.uint8).numpy() if nbytes else b"")
+        offset += nbytes
+    entries["__metadata__"] = {"format": "pt", "column_major": ",".join(column_major)}
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-(8 + len(header)) % _ALIGNMENT)  # spaces are allowed after the JSON header
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "wb") as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        for blob in blobs:
+            f.write(blob)
+    os.replace(temporary, path)
+
+
+def _write_json(value, path: str) -> None:
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(temporary, path)
+
+
+def _cpu(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.detach().to(device="cpu", dtype=dtype)
+
+
+def _int(manifest: dict, key: str, least: int) -> int:
+    value = manifest[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"'{key}' must be an int >= {least}, got {value!r}")
+    return value
+
+
+def _check_ids(ids, rows: int) -> tuple[str, Tensor | list | None]:
+    """("row", None), ("int", [M] int64 tensor) or ("str", list of M strings)."""
+    if ids is None:
+        return "row", None
+    if isinstance(ids, Tensor):
+        if ids.dtype != torch.int64 or tuple(ids.shape) != (rows,):
+            raise ValueError(f"argument 'ids' must be an int64 tensor of shape ({rows},), got {ids.dtype} "
+                             f"{tuple(ids.shape)}")
+        return "int", ids.detach().cpu()
+    ids = list(ids)
+    if len(ids) != rows:
+        raise ValueError(f"argument 'ids' must hold {rows} ids (one per gallery row), got {len(ids)}")
+    if all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        return "int", torch.tensor(ids, dtype=torch.int64)
+    if all(isinstance(i, str) for i in ids):
+        return "str", ids
+    raise ValueError("argument 'ids' must be all ints or all strings")
+
+
+def _nested(rows, ids: list):
+    return [_nested(r, ids) for r in rows] if isinstance(rows, list) else ids[rows]
+
+
+def _concatenate(parts: list[EmbeddingDistribution]) -> EmbeddingDistribution:
+    """One distribution from consecutive batches of one posterior (shared parts from the first)."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+
+    def cat(name):
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else torch.cat(values)
+    return EmbeddingDistribution(cat("mean"), first.form, alpha=cat("alpha"), shared=first.shared,
+                                 shared_eigvals=first.shared_eigvals, k=cat("k"), basis=first.basis,
+                                 variances=cat("variances"), sq_norm=cat("sq_norm"), cross_quad=cat("cross_quad"),
+                                 cross_shared=first.cross_shared)

@@ -1,0 +1,558 @@
+"""The retrieval index on disk (bayesvlm_ext.index), merge_topk, and `bayesvlm-ext index` / `retrieve`,
+one process and under torchrun (SPEC.md section 7)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from testing import devices, spd
+
+from bayesvlm_ext import EmbeddingDistribution, KronPosterior, build_index, merge_topk, open_index, ops, save_index, \
+    search, topk
+from bayesvlm_ext.cli import main
+from bayesvlm_ext.index import IndexWriter, open_safetensors
+
+D = 4
+P_IMAGE, P_TEXT = 6, 5
+LOGIT_SCALE, LOGIT_BIAS = math.log(30.0), -1.5
+SCORES = ["mean", "pessimistic", "optimistic", "probit"]
+
+
+def tower(generator, P, damping="kron", bias=False, prior_precision=0.5):
+    return KronPosterior(spd(P + bias, generator), spd(D, generator),
+                         torch.randn(D, P, generator=generator, dtype=torch.float64),
+                         torch.randn(D, generator=generator, dtype=torch.float64) if bias else None,
+                         prior_precision=prior_precision, pseudo_count=2.0, damping=damping)
+
+
+def embed_in_batches(posterior, phi, against, batch_size):
+    """What the index promises for one shard: embed() `batch_size` rows at a time from the shard's first row."""
+    parts = [posterior.embed(phi[b0:b0 + batch_size], against=against) for b0 in range(0, phi.shape[0], batch_size)]
+    def cat(name):
+        return None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])
+    return {name: cat(name) for name in ("mean", "alpha", "k", "sq_norm", "cross_quad")}
+
+
+# ---- writing and reading --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damping", ["kron", "exact"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_index_round_trip_equals_embed(damping, dtype, generator, tmp_path):
+    query, gallery = tower(generator, P_TEXT, damping), tower(generator, P_IMAGE, damping, bias=True)
+    phi = torch.randn(23, P_IMAGE, generator=generator, dtype=torch.float64).to(dtype)
+    ids = [f"item-{i}" for i in range(23)]
+    index = build_index(tmp_path, gallery, phi, query, shard_rows=7, batch_size=3, ids=ids, tower="image",
+                        logit_scale=LOGIT_SCALE, logit_bias=LOGIT_BIAS)
+    assert len(index) == 23 and index.dim == D and index.dtype == dtype and index.tower == "image"
+    assert [(s.start, s.stop) for s in index.shards] == [(0, 7), (7, 14), (14, 21), (21, 23)]
+    assert (index.logit_scale, index.logit_bias) == (LOGIT_SCALE, LOGIT_BIAS)
+    template = gallery.embed(phi[:0], against=query)
+    for number, info in enumerate(index.shards):
+        shard = index.shard(number)
+        expected = embed_in_batches(gallery, phi[info.start:info.stop], query, 3)
+        for name, value in expected.items():
+            got = getattr(shard, name)
+            assert (got is None) == (value is None), name
+            if value is not None:
+                assert got.dtype == dtype and torch.equal(got, value), name
+        assert torch.equal(index.shard_rows(number), torch.arange(info.start, info.stop))
+        for name in ("shared", "shared_eigvals", "basis", "cross_shared"):
+            expected_shared = getattr(template, name)
+            if expected_shared is not None:
+                assert torch.equal(getattr(shard, name), expected_shared), name
+        # the same layout as embed's (eigh returns column-major bases): BLAS then rounds alike
+        assert shard.basis.stride() == template.basis.stride()
+    assert (index.shard(0).cross_quad is None) == (damping == "exact")  # an "exact" query side has no B^-1
+    assert index.ids_of(torch.tensor([[22, 0], [7, 7]])) == [["item-22", "item-0"], ["item-7", "item-7"]]
+
+
+def mapped_ranges(path):
+    """(start, end) address ranges at which this process maps `path`, from /proc/self/maps."""
+    ranges, real = [], os.path.realpath(path)
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5] == real:
+                start, end = (int(a, 16) for a in fields[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+def test_shards_are_memory_mapped_not_copied(generator, tmp_path):
+    query, gallery = tower(generator, P_TEXT), tower(generator, P_IMAGE)
+    phi = torch.randn(40, P_IMAGE, generator=generator)
+    index = build_index(tmp_path, gallery, phi, query, shard_rows=32)
+    shard = index.shard(0)
+    path = index.shards[0].file
+    ranges = mapped_ranges(path)
+    for name in ("mean", "alpha", "sq_norm", "cross_quad"):
+        pointer = getattr(shard, name).data_ptr()
+        assert any(start <= pointer < end for start, end in ranges), f"{name} is not inside a mapping of {path}"
+        assert pointer % 64 == 0, name  # aligned like PyTorch's own allocations
+    # A write to the file shows through the mapping: the tensor is the page cache, not a private copy.
+    reader = open_safetensors(path)
+    begin = reader.data_start + reader.entries["mean"][2]
+    before = shard.mean[0, 0].item()
+    with open(path, "r+b") as f:
+        f.seek(begin)
+        f.write(torch.tensor([before + 1.0], dtype=torch.float32).numpy().tobytes())
+    assert shard.mean[0, 0].item() == before + 1.0
+    # ... and a standard safetensors reader still reads the (padded, aligned) files.
+    with safe_open(path, framework="pt") as f:
+        assert torch.equal(f.get_tensor("alpha"), shard.alpha)
+
+
+def test_save_index_and_writer_checks(generator, tmp_path):
+    query, gallery = tower(generator, P_TEXT), tower(generator, P_IMAGE)
+    embedded = gallery.embed(torch.randn(9, P_IMAGE, generator=generator), against=query)
+    index = save_index(tmp_path / "a", embedded, shard_rows=4, ids=torch.arange(100, 109))
+    assert torch.equal(torch.cat([index.shard(n).mean for n in range(3)]), embedded.mean)
+    assert torch.equal(torch.cat([index.shard(n).cross_quad for n in range(3)]), embedded.cross_quad)
+    assert index.ids_of(torch.tensor([8, 0])) == [108, 100]
+    with pytest.raises(ValueError, match="'ids' must hold 9 ids"):
+        save_index(tmp_path / "b", embedded, ids=["a"])
+    with pytest.raises(ValueError, match="'shard_rows' must be an int >= 1"):
+        save_index(tmp_path / "b", embedded, shard_rows=0)
+    writer = IndexWriter.for_posteriors(tmp_path / "c", gallery, query, rows=9, shard_rows=4)
+    other = tower(generator, P_IMAGE).embed(torch.randn(4, P_IMAGE, generator=generator), against=query)
+    with pytest.raises(ValueError, match="'part' must share the index's 'shared' matrix"):
+        writer.write(0, other)
+    with pytest.raises(ValueError, match="'phi' must have 4 rows"):
+        writer.embed_shard(0, torch.randn(5, P_IMAGE))
+    with pytest.raises(ValueError, match="'phi' must be embedded in torch.float32"):
+        writer.embed_shard(0, torch.randn(4, P_IMAGE, dtype=torch.float64))
+    writer.embed_shard(0, torch.randn(4, P_IMAGE))
+    with pytest.raises(ValueError, match="2 shard\\(s\\) not written yet"):
+        writer.finish()
+
+
+def test_open_index_rejects_corrupt_and_unknown_indexes(generator, tmp_path):
+    query, gallery = tower(generator, P_TEXT), tower(generator, P_IMAGE)
+    build_index(tmp_path, gallery, torch.randn(9, P_IMAGE, generator=generator), query, shard_rows=4)
+    manifest_file = tmp_path / "index.json"
+    manifest = json.loads(manifest_file.read_text())
+    for change, message in (({"version": 99}, "format version 99 is not supported"),
+                            ({"format": "something else"}, "has format 'something else'"),
+                            ({"rows": 10}, "the shards cover 9 rows, the manifest says 10"),
+                            ({"form": "dense"}, "index.json is corrupt")):
+        manifest_file.write_text(json.dumps({**manifest, **change}))
+        with pytest.raises(ValueError, match=message):
+            open_index(tmp_path)
+    manifest_file.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        open_index(tmp_path)
+    manifest_file.write_text(json.dumps(manifest))
+    shard = tmp_path / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-8])  # truncated
+    with pytest.raises(ValueError, match="does not fit the file"):
+        open_index(tmp_path)
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match="shard-00001"):
+        open_index(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="missing index.json"):
+        open_index(tmp_path / "empty")
+
+
+# ---- search and merge_topk ------------------------------------------------------------------------------
+
+def dyadic(generator, shape, low, high, denominator):
+    """Random multiples of 1 / denominator in [low, high): small dyadic numbers, so that every dot product
+    and sum of the scoring below is exact in any summation order and on any GEMM path."""
+    return torch.randint(low * denominator, high * denominator, shape, generator=generator).double() / denominator
+
+
+def hadamard_basis():  # [4, 4] orthonormal with entries +-1/2: dyadic, so rotations stay exact
+    h = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    return torch.kron(h, h) / 2
+
+
+def dyadic_gallery_and_queries(generator, form, m, n):
+    mean = dyadic(generator, (m, D), -3, 3, 2)
+    mean[:, 0] = dyadic(generator, (m,), 1, 3, 2)  # no zero vectors
+    mean[5], mean[11] = mean[2], mean[2]  # identical items: ties broken by the lower row
+    q_mean = dyadic(generator, (n, D), -3, 3, 2)
+    q_mean[:, 0] = dyadic(generator, (n,), 1, 3, 2)
+    basis, eigvals = hadamard_basis(), torch.tensor([1.0, 0.5, 0.25, 0.125], dtype=torch.float64)
+    if form == "kron":
+        alpha = dyadic(generator, (m,), 0, 1, 8)
+        alpha[5], alpha[11] = alpha[2], alpha[2]
+        gallery = EmbeddingDistribution.kron(mean, alpha, (basis * eigvals) @ basis.T, eigvals, basis)
+        q_eig = torch.tensor([0.5, 0.25, 0.125, 1.0], dtype=torch.float64)
+        queries = EmbeddingDistribution.kron(q_mean, dyadic(generator, (n,), 0, 1, 8), torch.diag(q_eig), q_eig,
+                                             torch.eye(D, dtype=torch.float64))
+    elif form == "eigen":
+        k = dyadic(generator, (m, D), 0, 1, 8)
+        k[5], k[11] = k[2], k[2]
+        gallery = EmbeddingDistribution.eigen(mean, k, basis)
+        queries = EmbeddingDistribution.eigen(q_mean, dyadic(generator, (n, D), 0, 1, 8),
+                                              torch.eye(D, dtype=torch.float64))
+    else:
+        variances = dyadic(generator, (m, D), 0, 1, 8)
+        variances[5], variances[11] = variances[2], variances[2]
+        gallery = EmbeddingDistribution.diagonal(mean, variances)
+        queries = EmbeddingDistribution.diagonal(q_mean, dyadic(generator, (n, D), 0, 1, 8))
+    return gallery.precompute(against=queries), queries
+
+
+@pytest.mark.parametrize("device", devices, ids=str)
+@pytest.mark.parametrize("form", ["kron", "eigen", "diag"])
+@pytest.mark.parametrize("score", SCORES)
+def test_search_over_shards_equals_topk_over_the_gallery(device, form, score, generator, tmp_path):
+    # 19 rows in shards of 4 (the last has 3); k = 9 spans three shards; items 2, 5 and 11 are identical.
+    gallery, queries = dyadic_gallery_and_queries(generator, form, m=19, n=6)
+    index = save_index(tmp_path, gallery, shard_rows=4, logit_scale=LOGIT_SCALE, logit_bias=LOGIT_BIAS)
+    gallery, queries = gallery.to(device), queries.to(device)  # the index stays on disk; search moves shards
+    assert len(index.shards) == 5
+    for k in (1, 9, 19):
+        expected = topk(queries, gallery, k, score, 0.7, logit_scale=LOGIT_SCALE, logit_bias=LOGIT_BIAS)
+        got = search(index, queries, k, score, 0.7)
+        for name, a, b in zip(("values", "rows", "mean", "var"), got, expected):
+            assert a.dtype == b.dtype and torch.equal(a, b), (k, name)
+    values, rows, _, _ = search(index, queries, 19, score, 0.7)
+    for i in range(len(queries)):  # the identical items keep their row order, wherever they rank
+        positions = [rows[i].tolist().index(r) for r in (2, 5, 11)]
+        assert positions == sorted(positions) and values[i, positions[0]] == values[i, positions[2]]
+    # any subset of shards, then merge_topk: the same answer (what the ranks of `retrieve` do)
+    parts = [search(index, queries, 9, score, 0.7, shards=block) for block in ([0, 1], [2], [3, 4])]
+    assert [p[0].shape[1] for p in parts] == [8, 4, 7]  # k is cut to the rows a block holds
+    merged = merge_topk(parts, 9, score, 0.7)
+    for a, b in zip(merged, search(index, queries, 9, score, 0.7)):
+        assert torch.equal(a, b)
+
+
+def test_search_errors(generator, tmp_path):
+    gallery, queries = dyadic_gallery_and_queries(generator, "kron", m=19, n=3)
+    index = save_index(tmp_path, gallery, shard_rows=4)
+    with pytest.raises(ValueError, match="'k' must be an int in \\[1, 19\\]"):
+        search(index, queries, 20, logit_scale=LOGIT_SCALE)
+    with pytest.raises(ValueError, match="'k' must be an int in \\[1, 19\\]"):
+        search(index, queries, 0, logit_scale=LOGIT_SCALE)
+    with pytest.raises(ValueError, match="'logit_scale' must be given"):
+        search(index, queries, 3)
+    with pytest.raises(ValueError, match="'queries' must have D = 4"):
+        search(index, EmbeddingDistribution.diagonal(torch.ones(2, 3), torch.ones(2, 3)), 3, logit_scale=1.0)
+    with pytest.raises(ValueError, match="'number' must be a shard number in \\[0, 5\\)"):
+        search(index, queries, 3, logit_scale=1.0, shards=[5])
+    with pytest.raises(ValueError, match="'shards' must not repeat"):
+        search(index, queries, 3, logit_scale=1.0, shards=[1, 1])
+
+
+def dense_merge(parts, k, score):
+    """Oracle: every candidate sorted by (key descending, index ascending) in Python."""
+    rows = []
+    for i in range(parts[0][0].shape[0]):
+        items = []
+        for values, indices, mean, var in parts:
+            for j in range(values.shape[1]):
+                m, v = mean[i, j].item(), var[i, j].item()
+                key = m / math.sqrt(1 + math.pi / 8 * v) if score == "probit" else values[i, j].item()
+                items.append((-key, indices[i, j].item(), values[i, j].item(), m, v))
+        rows.append(sorted(items)[:k])
+    return [torch.tensor([[item[c] for item in row] for row in rows], dtype=torch.int64 if c == 1 else torch.float64)
+            for c in (2, 1, 3, 4)]
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_merge_topk_matches_a_dense_sort(score, generator):
+    n, sizes = 5, (4, 7, 1)
+    order = torch.randperm(sum(sizes), generator=generator)  # disjoint gallery indices, in no order
+    parts, used = [], 0
+    for size in sizes:
+        mean = torch.randn(n, size, generator=generator, dtype=torch.float64) * 20
+        var = torch.rand(n, size, generator=generator, dtype=torch.float64) * 3
+        if size > 1:
+            mean[:, 0], var[:, 0] = 45.0, 1.0  # one tie per part, across parts; sigmoid(t) rounds to 1 here
+        mean[0, -1], var[0, -1] = 50.0, 0.5  # saturated too, but a larger t: must rank first, not tie
+        values = {"mean": mean, "pessimistic": mean - 0.6 * var.sqrt(), "optimistic": mean + 0.6 * var.sqrt(),
+                  "probit": torch.sigmoid(mean / torch.sqrt(1 + math.pi / 8 * var))}[score]
+        parts.append((values, order[used:used + size].expand(n, size).clone(), mean, var))
+        used += size
+    if score == "probit":
+        assert (parts[0][0][0] == 1.0).sum() >= 2  # the saturated probabilities do tie
+    for k in (1, 5, 12):
+        got = merge_topk(parts, k, score, 0.6)
+        expected = dense_merge(parts, k, score)
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b)
+        # associative and order-free: merging in steps gives the same answer
+        assert all(torch.equal(a, b) for a, b in zip(merge_topk([merge_topk(parts[1:], min(k, 8), score, 0.6),
+                                                                 parts[0]], k, score, 0.6), got))
+
+
+@pytest.mark.parametrize("device", devices, ids=str)
+def test_merge_topk_ranks_probit_by_the_kernels_own_logit(device, generator):
+    # Crowded probit logits: many candidates within a few float32 ulps, where the logit recomputed in
+    # PyTorch orders differently from the kernel's (its 1 + pi/8 var is a fused multiply-add). The whole
+    # gallery ranked by the kernel in one call must equal the per-shard calls merged. Unit-vector items
+    # and unit statistics make every pair's moments exact on any GEMM shape, so only the merge can differ.
+    n, m = 32, 96
+    mean = (5 + 1e-6 * torch.randn(n, m, generator=generator, dtype=torch.float64)).float().to(device)
+    var = (3 + 1e-6 * torch.randn(n, m, generator=generator, dtype=torch.float64)).float().to(device)
+    items, unit = torch.eye(m, device=device), torch.tensor([1.0, 0.0, 0.0], device=device)
+    x_stats, y_stats = unit.expand(n, 3).contiguous(), unit.expand(m, 3).contiguous()
+    whole = ops.topk_moments(mean, items, x_stats, y_stats, var, items, 1.0, 0.0, 0.0, 10, 3, 1.0)
+    parts = []
+    for start in range(0, m, 25):
+        rows = slice(start, start + 25)
+        values, local, part_mean, part_var = ops.topk_moments(mean, items[rows], x_stats, y_stats[rows], var,
+                                                              items[rows], 1.0, 0.0, 0.0, 10, 3, 1.0)
+        parts.append((values, local + start, part_mean, part_var))
+    for a, b in zip(merge_topk(parts, 10, "probit"), whole):
+        assert torch.equal(a, b)
+    recomputed = mean / torch.sqrt(1 + math.pi / 8 * var)  # what a merge by recomputed logits would rank by
+    naive = torch.sort(recomputed, dim=1, descending=True, stable=True).indices[:, :10]
+    assert not torch.equal(naive, whole[1])  # the data do tell the two apart
+
+
+def test_merge_topk_errors():
+    part = (torch.zeros(2, 3), torch.arange(3).expand(2, 3), torch.zeros(2, 3), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="one gallery index twice"):
+        merge_topk([part, part], 2)
+    with pytest.raises(ValueError, match="'k' must be in \\[0, 3\\]"):
+        merge_topk([part], 4)
+    with pytest.raises(ValueError, match="'indices' must be int64"):
+        merge_topk([(part[0], part[1].int(), part[2], part[3])], 2)
+    with pytest.raises(ValueError, match="'mean' must be \\[N, k_i\\]"):
+        merge_topk([(part[0], part[1], part[2][:1], part[3])], 2)
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        merge_topk([], 2)
+    with pytest.raises(ValueError, match="'score'"):
+        merge_topk([part], 2, score="median")
+
+
+# ---- the command line -----------------------------------------------------------------------------------
+
+def write_fit_output(folder, generator, damping="kron", d=D, image_prior=0.5):
+    """posterior_image/ and posterior_text/ as `bayesvlm-ext fit` writes them."""
+    posteriors = {}
+    for name, P, lam in (("image", P_IMAGE, image_prior), ("text", P_TEXT, 0.5)):
+        posterior = KronPosterior(spd(P, generator), spd(d, generator),
+                                  torch.randn(d, P, generator=generator, dtype=torch.float64), prior_precision=lam,
+                                  pseudo_count=2.0, damping=damping)
+        posterior.save(os.path.join(folder, f"posterior_{name}"))
+        posteriors[name] = KronPosterior.load(os.path.join(folder, f"posterior_{name}"))
+    return posteriors
+
+
+def write_features(path, generator, rows, width, ids=None):
+    tensors = {"features": torch.randn(rows, width, generator=generator)}
+    if ids is not None:
+        tensors["ids"] = ids
+    save_file(tensors, path)
+    return tensors
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("damping", ["kron", "exact"])
+@pytest.mark.parametrize("score", ["mean", "pessimistic", "probit"])
+def test_index_and_retrieve_commands_equal_topk(damping, score, generator, tmp_path, capsys):
+    posteriors = write_fit_output(tmp_path / "fit", generator, damping)
+    gallery = write_features(tmp_path / "gallery.safetensors", generator, 30, P_IMAGE, ids=torch.arange(500, 530))
+    queries = write_features(tmp_path / "queries.safetensors", generator, 7, P_TEXT, ids=torch.arange(7) * 10)
+    # One shard and one batch: the command embeds and scores exactly what the Python calls below do.
+    assert main(["index", "--posterior", str(tmp_path / "fit"), "--tower", "image", "--features",
+                 str(tmp_path / "gallery.safetensors"), "--out", str(tmp_path / "index"), "--shard-rows", "64",
+                 "--logit-scale", str(LOGIT_SCALE), "--logit-bias", str(LOGIT_BIAS), "--quiet"]) == 0
+    assert "indexed 30 image items" in capsys.readouterr().out
+    assert main(["retrieve", "--index", str(tmp_path / "index"), "--posterior", str(tmp_path / "fit"), "--queries",
+                 str(tmp_path / "queries.safetensors"), "--k", "6", "--score", score, "--kappa", "0.5", "--out",
+                 str(tmp_path / "results.jsonl"), "--quiet"]) == 0
+    assert "retrieved the top 6 of 30 image items" in capsys.readouterr().out
+    lines = read_jsonl(tmp_path / "results.jsonl")
+    q = posteriors["text"].embed(queries["features"])
+    g = posteriors["image"].embed(gallery["features"], against=posteriors["text"])
+    values, indices, mean, var = topk(q, g, 6, score, 0.5, logit_scale=LOGIT_SCALE, logit_bias=LOGIT_BIAS)
+    assert [line["query"] for line in lines] == [0, 10, 20, 30, 40, 50, 60]
+    for i, line in enumerate(lines):
+        assert list(line) == ["query", "ids", "scores", "mean", "variance"]
+        assert line["ids"] == (indices[i] + 500).tolist()
+        assert line["scores"] == values[i].tolist()
+        assert line["mean"] == mean[i].tolist() and line["variance"] == var[i].tolist()
+
+
+def test_command_errors(generator, tmp_path, capsys):
+    fit = str(tmp_path / "fit")
+    write_fit_output(fit, generator)
+    write_features(tmp_path / "gallery.safetensors", generator, 12, P_IMAGE)
+    write_features(tmp_path / "narrow.safetensors", generator, 12, P_IMAGE - 1)
+    write_features(tmp_path / "queries.safetensors", generator, 3, P_TEXT)
+    index = str(tmp_path / "index")
+    base = ["index", "--posterior", fit, "--tower", "image", "--out", index, "--quiet"]
+
+    def fails(argv, message, status=1):
+        if status == 2:  # argparse: exits naming the argument
+            with pytest.raises(SystemExit) as raised:
+                main(argv)
+            assert raised.value.code == 2
+        else:
+            assert main(argv) == status
+        err = capsys.readouterr().err
+        assert message in err, err
+
+    fails([*base, "--features", str(tmp_path / "absent.safetensors")], "--features", status=2)
+    fails([*base, "--features", str(tmp_path / "gallery.safetensors"), "--shard-rows", "0"], "--shard-rows", status=2)
+    fails([*base, "--features", str(tmp_path / "narrow.safetensors")], "the features are [N, 5] but the image "
+          "posterior")
+    fails(["index", "--posterior", str(tmp_path), "--tower", "image", "--out", index, "--features",
+           str(tmp_path / "gallery.safetensors")], "missing posterior_image/")
+    (tmp_path / "notes.safetensors").write_bytes(b"not a safetensors file")
+    fails([*base, "--features", str(tmp_path / "notes.safetensors")], "not a safetensors file")
+    fails([*base, "--tower", "text", "--images", str(tmp_path)], "--images needs --model", status=2)
+    assert main([*base, "--features", str(tmp_path / "gallery.safetensors"), "--shard-rows", "5"]) == 0
+    capsys.readouterr()
+
+    retrieve = ["retrieve", "--index", index, "--posterior", fit, "--queries", str(tmp_path / "queries.safetensors"),
+                "--out", str(tmp_path / "out.jsonl"), "--quiet"]
+    fails([*retrieve, "--k", "3"], "--logit-scale is needed")
+    fails([*retrieve, "--k", "0", "--logit-scale", "1"], "--k must be at least 1", status=2)
+    fails([*retrieve, "--k", "13", "--logit-scale", "1"], "--k 13 is larger than the gallery (12 items")
+    fails([*retrieve[:5], "--queries", str(tmp_path / "gallery.safetensors"), "--out", str(tmp_path / "x.jsonl"),
+           "--k", "2", "--logit-scale", "1"], "--queries: the features are [N, 6] but the text posterior")
+    other = str(tmp_path / "other")
+    write_fit_output(other, generator, image_prior=0.25)  # another fit: different prior precision and factors
+    fails([*retrieve[:3], "--posterior", other, *retrieve[5:], "--k", "2", "--logit-scale", "1"],
+          "built with another gallery posterior")
+    same_hyper = str(tmp_path / "same_hyper")
+    write_fit_output(same_hyper, generator)  # the same hyper-parameters, other factors
+    fails([*retrieve[:3], "--posterior", same_hyper, *retrieve[5:], "--k", "2", "--logit-scale", "1"],
+          "covariance matrix 'shared' does not match")
+    narrow = str(tmp_path / "narrow_fit")
+    write_fit_output(narrow, generator, d=D - 1)
+    fails([*retrieve[:3], "--posterior", narrow, *retrieve[5:], "--k", "2", "--logit-scale", "1"], "has D = 4")
+    manifest = tmp_path / "index" / "index.json"
+    manifest.write_text(manifest.read_text().replace('"version": 1', '"version": 7'))
+    fails([*retrieve, "--k", "2", "--logit-scale", "1"], "format version 7 is not supported")
+    assert not (tmp_path / "out.jsonl").exists()  # nothing written by a failed run
+
+
+def tiny_open_clip_name(folder):
+    """Registers a tiny open_clip config (32-pixel images in 8-pixel patches, width 32, embeddings of 12)
+    under a name, so that the command builds it like any named model, in milliseconds."""
+    open_clip = pytest.importorskip("open_clip")
+    config = {"embed_dim": 12, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                                              "patch_size": 8},
+              "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "Tiny-Index-Test.json"), "w") as f:
+        json.dump(config, f)
+    open_clip.add_model_config(folder)
+    return "Tiny-Index-Test"
+
+
+def test_index_command_from_images_with_an_open_clip_model(generator, tmp_path, capsys):
+    import open_clip
+    from PIL import Image
+
+    from bayesvlm_ext.capture import capture, find_projection
+    from bayesvlm_ext.fit import unnormalised_encoder
+
+    name = tiny_open_clip_name(str(tmp_path / "configs"))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, rgb in enumerate([(220, 30, 30), (30, 200, 40), (30, 40, 220), (200, 200, 20), (10, 10, 10)]):
+        Image.new("RGB", (40 + 8 * i, 32), rgb).save(folder / f"{i}.png")
+    lines = [json.dumps({"image": f"images/{i}.png"}) for i in range(5)]
+    (tmp_path / "images.jsonl").write_text("\n".join(lines) + "\n")
+    torch.manual_seed(3)
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+    model.eval()
+    site = find_projection(model, "image")
+    weight = site.layer()[0].double()  # [D, P]
+    fit = tmp_path / "fit"
+    KronPosterior(spd(weight.shape[1], generator), spd(weight.shape[0], generator), weight,
+                  prior_precision=0.5).save(fit / "posterior_image")
+    KronPosterior(spd(8, generator), spd(weight.shape[0], generator),
+                  torch.randn(weight.shape[0], 8, generator=generator, dtype=torch.float64),
+                  prior_precision=0.5).save(fit / "posterior_text")
+    command = ["index", "--posterior", str(fit), "--tower", "image", "--model", name, "--quiet"]
+    assert main([*command, "--images", str(tmp_path / "images.jsonl"), "--seed", "3", "--out", str(tmp_path / "index"),
+                 "--shard-rows", "3", "--batch-size", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "random-initialised" in captured.err and "indexed 5 image items" in captured.out
+    index = open_index(tmp_path / "index")
+    assert index.logit_scale == float(model.logit_scale.detach()) and index.logit_bias == 0.0
+    assert index.ids_of(torch.tensor([0, 4])) == ["images/0.png", "images/4.png"]
+    image_posterior, text_posterior = (KronPosterior.load(fit / f"posterior_{t}") for t in ("image", "text"))
+    encode = unnormalised_encoder(model, "image")
+    for number, info in enumerate(index.shards):  # the same features, embedded in the same batches of 2
+        parts = []
+        for b0 in range(info.start, info.stop, 2):
+            pixels = torch.stack([preprocess(Image.open(folder / f"{i}.png").convert("RGB"))
+                                  for i in range(b0, min(b0 + 2, info.stop))])
+            with torch.no_grad():
+                features = capture(encode, pixels, site).features
+            parts.append(image_posterior.embed(features, against=text_posterior))
+        for field in ("mean", "alpha", "sq_norm", "cross_quad"):
+            expected = torch.cat([getattr(part, field) for part in parts])
+            assert torch.equal(getattr(index.shard(number), field), expected), field
+    # an unreadable image fails the run (exit 1, no index.json); a folder lists its images by name
+    (folder / "2.png").write_bytes(b"not an image")
+    assert main([*command, "--images", str(folder), "--out", str(tmp_path / "broken")]) == 1
+    assert "cannot read" in capsys.readouterr().err and not (tmp_path / "broken" / "index.json").exists()
+    assert main([*command, "--tower", "text", "--images", str(folder), "--out", str(tmp_path / "text")]) == 1
+    assert "use it with --tower image" in capsys.readouterr().err
+
+
+def run_command(arguments, launcher=None, capsys=None):
+    """`python -m bayesvlm_ext ...`: under `launcher` (torchrun) in subprocesses with OMP_NUM_THREADS=1, as
+    torchrun sets it; without, in this process on one thread, which is the same: BLAS rounds alike."""
+    if launcher is None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert main(arguments) == 0
+        finally:
+            torch.set_num_threads(threads)
+        return capsys.readouterr().out
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, *launcher, "-m", "bayesvlm_ext", *arguments], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_index_and_retrieve_under_torchrun_match_one_process(generator, tmp_path, capsys):
+    # 23 gallery rows in 5 shards (rank 0: shards 0-1, 10 rows; rank 1: shards 2-4, 13 rows); k = 12 is
+    # more than rank 0 holds, so its result is padded for the gather; queries in batches of 4 (the last 1).
+    fit = str(tmp_path / "fit")
+    write_fit_output(fit, generator)
+    write_features(tmp_path / "gallery.safetensors", generator, 23, P_IMAGE, ids=torch.arange(23) * 3 + 1)
+    write_features(tmp_path / "queries.safetensors", generator, 9, P_TEXT)
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
+    for name, launcher in (("one", None), ("two", torchrun)):
+        printed = run_command(["index", "--posterior", fit, "--tower", "image", "--features",
+                               str(tmp_path / "gallery.safetensors"), "--out", str(tmp_path / name), "--shard-rows",
+                               "5", "--batch-size", "3", "--logit-scale", str(LOGIT_SCALE), "--quiet"],
+                              launcher, capsys)
+        assert "in 5 shards" in printed and ("2 processes" in printed) == (name == "two")
+        printed = run_command(["retrieve", "--index", str(tmp_path / name), "--posterior", fit, "--queries",
+                               str(tmp_path / "queries.safetensors"), "--k", "12", "--score", "probit", "--out",
+                               str(tmp_path / f"{name}.jsonl"), "--batch-size", "4", "--quiet"], launcher, capsys)
+        assert ("2 processes" in printed) == (name == "two")
+    files = sorted(os.listdir(tmp_path / "one"))
+    assert files == sorted(os.listdir(tmp_path / "two")) and "shard-00004.safetensors" in files
+    for file in files:
+        assert (tmp_path / "one" / file).read_bytes() == (tmp_path / "two" / file).read_bytes(), file
+    one, two = (tmp_path / "one.jsonl").read_bytes(), (tmp_path / "two.jsonl").read_bytes()
+    assert one == two
+    lines = read_jsonl(tmp_path / "one.jsonl")
+    assert len(lines) == 9 and all(len(line["ids"]) == 12 for line in lines)
+    # and both equal search() on the index in this process, merged over its shards
+    index = open_index(tmp_path / "one")
+    posterior = KronPosterior.load(os.path.join(fit, "posterior_text"))
+    with safe_open(tmp_path / "queries.safetensors", framework="pt") as f:
+        queries = posterior.embed(f.get_tensor("features"))
+    values, rows, _, _ = search(index, queries, 12, "probit")
+    assert [line["ids"] for line in lines] == index.ids_of(rows)
+    assert [line["scores"] for line in lines] == values.tolist()
