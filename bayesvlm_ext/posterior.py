@@ -77,7 +77,9 @@ class KronPosterior:
         self.A, asym_a = check_symmetric_factor("A", A, p, a_what)
         self.B, asym_b = check_symmetric_factor("B", B, out_features, "[D, D] to match weight [D, P]")
         self._asymmetry = {"A": asym_a, "B": asym_b}
-        self.weight = weight.detach().to(torch.float64, copy=True)
+        # Contiguous whatever the input's strides (open_clip's proj.T is a view): the same numbers from
+        # a fitted posterior and from its saved copy.
+        self.weight = weight.detach().to(torch.float64, memory_format=torch.contiguous_format, copy=True)
         self.bias = None if bias is None else bias.detach().to(torch.float64, copy=True)
         self.damping = parse_enum("damping", damping, Damping)
         self._prior_precision = check_positive_scalar("prior_precision", prior_precision)

@@ -316,6 +316,17 @@ def test_bad_input_names_the_argument(generator):
         post.prior_precision = 0
 
 
+def test_weight_strides_do_not_change_the_numbers(generator):
+    # open_clip hands over proj.T, a transposed view; a save/load round trip makes it contiguous.
+    p, d = 64, 32  # big enough for the float32 GEMM to sum in a layout-dependent order
+    A, B = spd(p, generator), spd(d, generator)
+    proj = torch.randn(p, d, generator=generator)  # float32 [P, D], as open_clip stores it
+    phi = torch.randn(7, p, generator=generator)
+    from_view = KronPosterior(A, B, proj.T).embed(phi)
+    from_copy = KronPosterior(A, B, proj.T.contiguous()).embed(phi)
+    assert torch.equal(from_view.mean, from_copy.mean) and torch.equal(from_view.alpha, from_copy.alpha)
+
+
 def test_user_tensors_are_never_modified(generator):
     A = spd(P + 1, generator) + 1e-9 * torch.randn(P + 1, P + 1, generator=generator, dtype=torch.float64)
     B, W, b = spd(D, generator), torch.randn(D, P, dtype=torch.float64), torch.randn(D, dtype=torch.float64)
