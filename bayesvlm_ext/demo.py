@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 import bayesvlm_ext
 from bayesvlm_ext import (KronPosterior, ZeroShotClassifier, cosine_moments, default_model, evaluation, predictive,
-                          reference, shapes, topk)
+                          reference, shapes)
 from bayesvlm_ext.capture import capture, find_projection
 from bayesvlm_ext.fit import unnormalised_encoder
 
@@ -46,7 +46,7 @@ FIT_PAIRS = 8192  # in-domain pairs behind the curvature factors (one class batc
 EVAL_IMAGES = 3000  # per domain
 MC_SAMPLES = 1000
 TIMING_REPEATS = 5
-RETRIEVAL_K = 10
+RETRIEVAL_KS = (1, 5, 10)
 UNCERTAINTY_BINS = 10
 RELIABILITY_BINS = 10  # in the plot; the ECE figures use the 20 bins of bayesvlm_ext.ece
 # Active learning on the shifted domain: a fresh pool per seed, one fixed test set whose unlabelled
@@ -117,42 +117,6 @@ def timed(fn, repeats: int = TIMING_REPEATS):
 def metrics(probs: Tensor, labels: Tensor) -> dict[str, float]:
     return {"acc": bayesvlm_ext.accuracy(probs, labels), "nlpd": bayesvlm_ext.nlpd(probs, labels),
             "ece": bayesvlm_ext.ece(probs, labels)}
-
-
-def ranked_hits(
-    top: Tensor,  # [N, K] gallery indices, best first
-    query_labels: Tensor,  # [N] the label each query must find
-    gallery_labels: Tensor,  # [M] the label of each gallery item
-) -> Tensor:  # [N, K] bool
-    return gallery_labels[top] == query_labels[:, None]
-
-
-def retrieval(posteriors: dict[str, KronPosterior], phi_img: Tensor, image_captions: Tensor, phi_txt: Tensor,
-              logit_scale: float) -> tuple[dict, dict]:
-    """Both directions: images find their caption among the distinct captions, captions find an image
-    with that caption. Returns the results layout and the per-bin curves for the plot."""
-    directions = {"image_to_text": ("image", "text", image_captions, torch.arange(len(phi_txt))),
-                  "text_to_image": ("text", "image", torch.arange(len(phi_txt)), image_captions)}
-    phi = {"image": phi_img.float(), "text": phi_txt.float()}
-    dist = {tower: posteriors[tower].embed(phi[tower], against=posteriors[other])
-            for tower, other in (("image", "text"), ("text", "image"))}
-    unit = {tower: torch.nn.functional.normalize(d.mean.double(), dim=1) for tower, d in dist.items()}
-    results: dict = {"map": {}, "bayesvlm": {}}
-    curves = {}
-    for name, (query, gallery, query_labels, gallery_labels) in directions.items():
-        # MAP: the deterministic model's cosine, dense (small here), ties to the lower index as in topk
-        cosines = unit[query] @ unit[gallery].T
-        top_map = cosines.argsort(dim=1, descending=True, stable=True)[:, :RETRIEVAL_K]
-        results["map"][name] = evaluation.recall_at_k(ranked_hits(top_map, query_labels, gallery_labels))
-        # BayesVLM: streamed top-k by the probit match probability
-        _, top, _, _ = topk(dist[query], dist[gallery], RETRIEVAL_K, "probit", logit_scale=logit_scale)
-        hits = ranked_hits(top, query_labels, gallery_labels)
-        # Query uncertainty relative to its length, tr(S) / ||mean||^2: what the cosine's variance sees.
-        uncertainty = dist[query].trace().double() / dist[query].mean.double().pow(2).sum(1)
-        bin_uncertainty, bin_recall, rho = evaluation.uncertainty_recall(uncertainty, hits[:, 0], UNCERTAINTY_BINS)
-        results["bayesvlm"][name] = {**evaluation.recall_at_k(hits), "spearman": rho}
-        curves[name] = {"uncertainty": bin_uncertainty.tolist(), "recall@1": bin_recall.tolist()}
-    return results, curves
 
 
 def save_plots(out: str, zero_shot_probs: dict, labels: dict, retrieval_results: dict, curves: dict,
@@ -357,8 +321,11 @@ def main(argv: list[str] | None = None) -> dict:
     caption_id = {caption: i for i, caption in enumerate(captions)}
     phi_img = torch.cat([phi for phi, _ in eval_features.values()])
     image_captions = torch.tensor([caption_id[c] for _, data in eval_features.values() for c in data.captions])
-    retrieval_results, curves = retrieval(posteriors, phi_img, image_captions,
-                                          features(model, "text", shapes.tokenize(captions)), logit_scale)
+    phi_txt = features(model, "text", shapes.tokenize(captions))
+    images = posteriors["image"].embed(phi_img.float(), against=posteriors["text"])
+    texts = posteriors["text"].embed(phi_txt.float(), against=posteriors["image"])
+    retrieval_results, curves = evaluation.retrieval_report(images, texts, image_captions, logit_scale,
+                                                            ks=RETRIEVAL_KS, n_bins=UNCERTAINTY_BINS)
     timings["retrieval"] = time.perf_counter() - start
     print(f"\nretrieval, {len(phi_img)} images (both domains) and their {len(captions)} distinct captions; "
           f"BayesVLM ranks by the probit match probability; Spearman: query uncertainty against Recall@1 over "
@@ -408,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
                "timings": timings, "kernels": kernels,
                "posterior": posterior_summary, "uncertainty_bins": curves,
                "settings": {"seed": SEED, "fit_pairs": FIT_PAIRS, "eval_images": EVAL_IMAGES,
-                            "mc_samples": MC_SAMPLES, "logit_scale": logit_scale, "retrieval_k": RETRIEVAL_K,
+                            "mc_samples": MC_SAMPLES, "logit_scale": logit_scale, "retrieval_ks": list(RETRIEVAL_KS),
                             "retrieval_score": "probit", "uncertainty": "tr(S) / ||mean||^2 of the query",
                             "uncertainty_bins": UNCERTAINTY_BINS, "active_learning": {
                                 "seeds": AL_SEEDS, "pool": AL_POOL, "test": AL_TEST, "epig_targets": AL_TARGETS,

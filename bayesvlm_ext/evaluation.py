@@ -11,8 +11,10 @@ import torch
 from torch import Tensor
 
 from ._validation import check_finite, check_tensor
+from .distribution import EmbeddingDistribution
+from .retrieval import topk
 
-__all__ = ["recall_at_k", "uncertainty_recall", "spearman"]
+__all__ = ["recall_at_k", "uncertainty_recall", "spearman", "retrieval_report"]
 
 
 def recall_at_k(
@@ -82,3 +84,53 @@ def uncertainty_recall(
     bin_uncertainty = torch.stack([uncertainty.double()[b].mean() for b in bins])
     bin_recall = torch.stack([hit[b].double().mean() for b in bins])
     return bin_uncertainty, bin_recall, spearman(bin_uncertainty, bin_recall)
+
+
+def retrieval_report(
+    image: EmbeddingDistribution,  # N images, ideally embedded `against` the text posterior
+    text: EmbeddingDistribution,  # M distinct captions, ideally embedded `against` the image posterior
+    image_captions: Tensor,  # [N] int64: the row of `text` that is each image's caption
+    logit_scale: float | Tensor,
+    logit_bias: float | Tensor = 0.0,
+    *,
+    ks: tuple[int, ...] = (1, 5, 10),
+    n_bins: int = 10,
+    score: str = "probit",
+) -> tuple[dict, dict]:  # results, per-bin curves
+    """Retrieval both ways, for the deterministic model and with uncertainty.
+
+    image_to_text: each image must find its caption among the M captions; text_to_image: each caption
+    must find any image with that caption. "map" ranks by the cosine of the means (the deterministic
+    model: the streamed top-k on zero-covariance copies); "bayesvlm" ranks by `score` (default the probit
+    match probability) and adds Spearman's rho between the query uncertainty tr(S) / ||mean||^2 and
+    Recall@1 over `n_bins` equal-count bins (`uncertainty_recall`; None when Recall@1 is equal in every
+    bin, where rho is undefined). Returns
+      results {"map" | "bayesvlm": {"image_to_text" | "text_to_image": {"recall@k": ..., "spearman": ...}}}
+      curves {direction: {"uncertainty": [n_bins], "recall@1": [n_bins]}} (BayesVLM's bins, for a plot).
+    k larger than a gallery is left out of the recalls.
+    """
+    for name, value in (("image", image), ("text", text)):
+        if not isinstance(value, EmbeddingDistribution):
+            raise ValueError(f"argument '{name}' must be an EmbeddingDistribution, got {type(value).__name__}")
+    check_tensor("image_captions", image_captions, dim=1, floating=False)
+    if image_captions.shape[0] != len(image) or (len(image) and not (
+            0 <= int(image_captions.min()) and int(image_captions.max()) < len(text))):
+        raise ValueError(f"argument 'image_captions' must be [N = {len(image)}] rows of text in [0, {len(text)}), got "
+                         f"{tuple(image_captions.shape)}")
+    dist = {"image": image, "text": text}
+    point = {tower: EmbeddingDistribution.diagonal(d.mean, torch.zeros_like(d.mean)) for tower, d in dist.items()}
+    labels = {"image": image_captions.cpu(), "text": torch.arange(len(text))}
+    results: dict = {"map": {}, "bayesvlm": {}}
+    curves = {}
+    for name, query, gallery in (("image_to_text", "image", "text"), ("text_to_image", "text", "image")):
+        k = min(max(ks), len(dist[gallery]))
+        kept = tuple(x for x in ks if x <= k)
+        _, top, _, _ = topk(point[query], point[gallery], k, "mean", logit_scale=logit_scale, logit_bias=logit_bias)
+        results["map"][name] = recall_at_k(labels[gallery][top.cpu()] == labels[query][:, None], kept)
+        _, top, _, _ = topk(dist[query], dist[gallery], k, score, logit_scale=logit_scale, logit_bias=logit_bias)
+        hits = labels[gallery][top.cpu()] == labels[query][:, None]
+        uncertainty = dist[query].trace().double().cpu() / dist[query].mean.double().cpu().pow(2).sum(1)
+        bin_uncertainty, bin_recall, rho = uncertainty_recall(uncertainty, hits[:, 0], min(n_bins, len(hits)))
+        results["bayesvlm"][name] = {**recall_at_k(hits, kept), "spearman": rho if rho == rho else None}
+        curves[name] = {"uncertainty": bin_uncertainty.tolist(), "recall@1": bin_recall.tolist()}
+    return results, curves

@@ -82,3 +82,45 @@ def test_reliability_bins_by_brute_force_and_ece_from_them():
     assert ece(probs, targets, 10) == pytest.approx(expected, rel=1e-12)
     with pytest.raises(ValueError, match="'n_bins'"):
         reliability(probs, targets, 0)
+
+
+def test_retrieval_report_against_dense_rankings():
+    from testing import spd
+
+    from bayesvlm_ext import KronPosterior, cosine_moments, predictive
+    from bayesvlm_ext.evaluation import retrieval_report
+
+    g = torch.Generator().manual_seed(3)
+    D, P, N, M, scale = 6, 8, 60, 12, 2.0
+    weight = torch.randn(D, P, generator=g, dtype=torch.float64)  # one map for both towers: aligned embeddings
+    posts = {t: KronPosterior(spd(P, g), spd(D, g), weight, prior_precision=0.5) for t in ("image", "text")}
+    phi_txt = torch.randn(M, P, generator=g, dtype=torch.float64)
+    captions = torch.randint(0, M, (N,), generator=g)
+    phi_img = phi_txt[captions] + 0.8 * torch.randn(N, P, generator=g, dtype=torch.float64)  # near their caption
+    img = posts["image"].embed(phi_img, against=posts["text"])
+    txt = posts["text"].embed(phi_txt, against=posts["image"])
+    results, curves = retrieval_report(img, txt, captions, scale, n_bins=4)
+
+    unit_img = torch.nn.functional.normalize(img.mean, dim=1)
+    unit_txt = torch.nn.functional.normalize(txt.mean, dim=1)
+    mean, var = cosine_moments(img, txt, scale)  # [N, M]
+    probit = mean / (1 + torch.pi / 8 * var).sqrt()
+    dense = {"image_to_text": (unit_img @ unit_txt.T, probit, captions, torch.arange(M), img),
+             "text_to_image": (unit_txt @ unit_img.T, probit.T, torch.arange(M), captions, txt)}
+    for name, (cosines, scores, query_labels, gallery_labels, queries) in dense.items():
+        for method, s in (("map", cosines), ("bayesvlm", scores)):
+            top = s.argsort(dim=1, descending=True, stable=True)[:, :10]
+            expected = recall_at_k(gallery_labels[top] == query_labels[:, None])
+            for key, value in expected.items():
+                assert results[method][name][key] == pytest.approx(value, abs=1e-12)
+        top1 = scores.argsort(dim=1, descending=True, stable=True)[:, 0]
+        uncertainty = queries.covariance().diagonal(dim1=1, dim2=2).sum(1) / (queries.mean**2).sum(1)
+        bin_u, bin_r, rho = uncertainty_recall(uncertainty, gallery_labels[top1] == query_labels, 4)
+        torch.testing.assert_close(torch.tensor(curves[name]["uncertainty"], dtype=torch.float64), bin_u,
+                                   rtol=1e-10, atol=0)
+        assert curves[name]["recall@1"] == bin_r.tolist()
+        assert results["bayesvlm"][name]["spearman"] == (pytest.approx(rho, abs=1e-12) if rho == rho else None)
+    assert "spearman" not in results["map"]["image_to_text"]
+    assert results["map"]["image_to_text"]["recall@10"] >= results["map"]["image_to_text"]["recall@1"] > 0.3
+    with pytest.raises(ValueError, match="'image_captions'"):
+        retrieval_report(img, txt, captions.clamp_max(M - 2) + 1 + (captions == M - 1) * M, scale)

@@ -1,9 +1,12 @@
 """The demo and the python/ examples run end to end (no weights, no network)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,3 +55,48 @@ def test_demo_prints_and_writes_its_results(tmp_path):
 
 def test_open_clip_example_self_test():
     run(os.path.join("python", "score_open_clip.py"), "--self-test")
+
+
+CALIBRATE = os.path.join("python", "calibrate.py")
+
+
+@pytest.mark.parametrize("kind, likelihood", [("open_clip", "softmax"), ("hf-clip", "softmax"),
+                                              ("hf-siglip", "sigmoid")])
+def test_calibrate_self_test_fits_evaluates_and_writes_results(kind, likelihood, tmp_path):
+    # A random-init model and generated PNG + JSONL files through the user's path: fit, evaluate, reload, check.
+    pytest.importorskip("open_clip" if kind == "open_clip" else "transformers")
+    out = run(CALIBRATE, "--self-test", kind, "--quiet", "--out", str(tmp_path))
+    assert f"self-test passed ({kind})" in out
+    results = json.load(open(tmp_path / "results.json"))
+    assert results["model"]["likelihood"] == likelihood
+    for method in ("map", "bayesvlm_probit", "bayesvlm_mc"):
+        values = results["zero_shot"]["eval"][method]
+        assert set(values) == {"acc", "nlpd", "ece"}
+        assert f"{method:<18} {values['acc']:>8.4f} {values['nlpd']:>8.4f} {values['ece']:>8.4f}" in out  # table = file
+        assert 0 <= values["acc"] <= 1 and 0 < values["nlpd"] < math.inf and 0 <= values["ece"] <= 1
+    for method in ("map", "bayesvlm"):
+        for direction in ("image_to_text", "text_to_image"):
+            values = results["retrieval"][method][direction]
+            expected = {"recall@1", "recall@5", "recall@10"} | ({"spearman"} if method == "bayesvlm" else set())
+            assert set(values) == expected
+            assert 0 <= values["recall@1"] <= values["recall@5"] <= values["recall@10"] <= 1
+            rho = values.get("spearman")
+            assert rho is None or -1 <= rho <= 1  # None: Recall@1 equal in every uncertainty bin
+    assert results["data"]["eval_images"] == 48 and results["data"]["distinct_captions"] >= 10
+    for tower in ("image", "text"):  # the fitted posterior, reusable with --posterior
+        assert (tmp_path / f"posterior_{tower}" / "posterior.json").is_file()
+        assert 0 < results["posterior"][tower]["prior_precision"] < math.inf
+    assert (tmp_path / "from_posterior" / "results.json").is_file()  # the rerun with --posterior (compared inside)
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "required without --self-test"),
+    (["--library", "hf", "--model", ".", "--checkpoint", "x.pt", "--eval", "e", "--posterior", "p"],
+     "--checkpoint is for open_clip"),
+    (["--library", "open_clip", "--model", "ViT-B-32", "--eval", "e", "--posterior", "p"], "needs --checkpoint"),
+    (["--library", "open_clip", "--model", "hf-hub:org/model", "--eval", "e", "--posterior", "p"], "would download"),
+    (["--self-test", "hf-clip", "--eval", "e.jsonl"], "drop --eval"),
+])
+def test_calibrate_argument_errors(args, message):
+    proc = subprocess.run([sys.executable, CALIBRATE, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
