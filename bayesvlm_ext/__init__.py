@@ -5,8 +5,8 @@ The mathematics is SPEC.md; the README maps each section to the names below.
 
 from . import active, capture, default_model, evaluation, ops, reference, shapes
 from ._extension import backend, build_info, has_extension
-from .active import (Acquisition, JointSamples, acquisition_scores, label_curvature, nearest_neighbours, select,
-                     update_posterior)
+from .active import (Acquisition, JointSamples, Metric, Selection, acquisition_scores, label_curvature,
+                     nearest_neighbours, select, update_posterior)
 from .curvature import FactorAccumulator, Likelihood, kfac_factors
 from .distribution import CovarianceForm, EmbeddingDistribution
 from .fit import ClassBatchSampler, TowerFactors, fit_factors
@@ -27,8 +27,8 @@ __all__ = [
     "EmbeddingDistribution", "CovarianceForm", "cosine_moments", "Variant", "MomentsOutput", "predictive", "Link",
     "accuracy", "nlpd", "ece", "reliability", "topk", "Score", "ZeroShotClassifier", "template_average",
     # active selection (SPEC 8)
-    "acquisition_scores", "Acquisition", "JointSamples", "select", "nearest_neighbours", "update_posterior",
-    "label_curvature",
+    "acquisition_scores", "Acquisition", "JointSamples", "select", "Selection", "nearest_neighbours", "Metric",
+    "update_posterior", "label_curvature",
     # modules and build
     "active", "ops", "reference", "evaluation", "capture", "shapes", "default_model", "backend", "build_info",
     "has_extension", "__version__",
