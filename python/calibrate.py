@@ -54,12 +54,7 @@ TINY_OPEN_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1,
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--library", choices=["open_clip", "hf"], help="where the model comes from")
-    parser.add_argument("--model", help="open_clip: model name (e.g. ViT-B-32) or local-dir:DIR; hf: the model DIR")
-    parser.add_argument("--checkpoint", help="open_clip: local checkpoint file (create_model(pretrained=PATH))")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--fit-pairs", help="JSONL of {\"image\": PATH, \"caption\": TEXT}: fit the posterior on them")
-    source.add_argument("--posterior", help="directory with posterior_image/ and posterior_text/ (bayesvlm-ext fit)")
+    add_model_arguments(parser)
     parser.add_argument("--eval", help="JSONL of {\"image\": PATH, \"label\": CLASS, \"caption\": TEXT (optional)}")
     parser.add_argument("--classes", help="comma-separated class names (default: the distinct labels, sorted)")
     parser.add_argument("--templates", nargs="+", default=list(DEFAULT_TEMPLATES), metavar="TEMPLATE",
@@ -99,6 +94,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     missing = [f"--{n}" for n in ("library", "model", "eval") if not getattr(args, n)]
     if missing or not (args.fit_pairs or args.posterior):
         parser.error(f"required without --self-test: {', '.join(missing + ['--fit-pairs or --posterior'])}")
+    check_model_arguments(parser, args)
+    if not os.path.isfile(args.eval):
+        parser.error(f"--eval {args.eval}: no such file")
+    return args
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--library, --model, --checkpoint and the posterior's source (--fit-pairs or --posterior); shared with
+    select_labels.py."""
+    parser.add_argument("--library", choices=["open_clip", "hf"], help="where the model comes from")
+    parser.add_argument("--model", help="open_clip: model name (e.g. ViT-B-32) or local-dir:DIR; hf: the model DIR")
+    parser.add_argument("--checkpoint", help="open_clip: local checkpoint file (create_model(pretrained=PATH))")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--fit-pairs", help="JSONL of {\"image\": PATH, \"caption\": TEXT}: fit the posterior on them")
+    source.add_argument("--posterior", help="directory with posterior_image/ and posterior_text/ (bayesvlm-ext fit)")
+
+
+def check_model_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """parser.error unless the model and posterior options name files on disk that load without a download
+    (--library and --model given, one of --fit-pairs or --posterior given)."""
     if args.library == "hf" and args.checkpoint:
         parser.error("--checkpoint is for open_clip; a Hugging Face model directory holds its own weights")
     if args.library == "hf" and not os.path.isdir(args.model):
@@ -113,13 +128,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 parser.error(f"--model {args.model}: not a directory")
         elif not args.checkpoint:
             parser.error("--library open_clip needs --checkpoint FILE (or --model local-dir:DIR)")
-    for name in ("checkpoint", "fit_pairs", "eval"):
+    for name in ("checkpoint", "fit_pairs"):
         path = getattr(args, name)
         if path and not os.path.isfile(path):
             parser.error(f"--{name.replace('_', '-')} {path}: no such file")
     if args.posterior and not all(os.path.isdir(os.path.join(args.posterior, f"posterior_{t}")) for t in TOWERS):
         parser.error(f"--posterior {args.posterior}: needs posterior_image/ and posterior_text/ (bayesvlm-ext fit)")
-    return args
 
 
 # ---- models: (model, preprocess(PIL image) -> [3, H, W], tokenizer(list of texts) -> [N, L]) ---------------
@@ -148,6 +162,21 @@ def load_model(args: argparse.Namespace):
         return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
     return model, preprocess, tokenize
+
+
+def load_supported_model(args: argparse.Namespace):
+    """`load_model` plus `logit_parameters`, stopping with the reason when a tower has no last linear map that
+    bayesvlm_ext.capture can find; prints one line about the model."""
+    model, preprocess, tokenizer = load_model(args)
+    scale, bias, siglip = logit_parameters(model)
+    for tower in TOWERS:
+        try:
+            find_projection(model, tower).layer()
+        except ValueError as error:  # e.g. a ModifiedResNet image tower: no separate last linear map
+            raise SystemExit(f"--model {args.model}: {error}") from error
+    print(f"{args.library} {type(model).__name__} {args.model}: logit scale {math.exp(scale):.2f}"
+          + (f", bias {bias:.2f} (SigLIP: sigmoid likelihood)" if siglip else " (CLIP: softmax likelihood)"))
+    return model, preprocess, tokenizer, (scale, bias, siglip)
 
 
 def logit_parameters(model: nn.Module) -> tuple[float, float, bool]:
@@ -235,7 +264,9 @@ def text_features(model, tokenizer, texts: list[str], args) -> tuple[Tensor, Ten
 
 
 # ---- the posterior of both towers ------------------------------------------------------------------------
-def fit_posteriors(model, preprocess, tokenizer, args, siglip: bool) -> dict[str, KronPosterior]:
+def fit_posteriors(model, preprocess, tokenizer, args, siglip: bool, save_to: str | None) -> dict[str, KronPosterior]:
+    """One tuned KronPosterior per tower from the pairs of args.fit_pairs, saved to SAVE_TO/posterior_{tower}/
+    unless save_to is None."""
     dataset = PairsDataset(args.fit_pairs, preprocess, tokenizer)
     if len(dataset) == 0:
         raise SystemExit(f"--fit-pairs {args.fit_pairs}: no usable pairs (skipped: {dict(dataset.skipped)})")
@@ -259,8 +290,10 @@ def fit_posteriors(model, preprocess, tokenizer, args, siglip: bool) -> dict[str
         posteriors[tower] = KronPosterior(fit.A, fit.B, fit.weight.contiguous(), fit.bias,
                                           pseudo_count=args.pseudo_count)
         posteriors[tower].optimize_prior_precision()
-        posteriors[tower].save(os.path.join(args.out, f"posterior_{tower}"))
-    print(f"wrote {args.out}/posterior_image and posterior_text (reuse them with --posterior {args.out})")
+        if save_to is not None:
+            posteriors[tower].save(os.path.join(save_to, f"posterior_{tower}"))
+    if save_to is not None:
+        print(f"wrote {save_to}/posterior_image and posterior_text (reuse them with --posterior {save_to})")
     return posteriors
 
 
@@ -341,19 +374,11 @@ def run(args: argparse.Namespace) -> dict:
     timings = {}
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
-    model, preprocess, tokenizer = load_model(args)
-    scale, bias, siglip = logit_parameters(model)
-    for tower in TOWERS:
-        try:
-            find_projection(model, tower).layer()
-        except ValueError as error:  # e.g. a ModifiedResNet image tower: no separate last linear map
-            raise SystemExit(f"--model {args.model}: {error}") from error
+    model, preprocess, tokenizer, (scale, bias, siglip) = load_supported_model(args)
     timings["load_model"] = time.perf_counter() - start
-    print(f"{args.library} {type(model).__name__} {args.model}: logit scale {math.exp(scale):.2f}"
-          + (f", bias {bias:.2f} (SigLIP: sigmoid likelihood)" if siglip else " (CLIP: softmax likelihood)"))
 
     start = time.perf_counter()
-    posteriors = (fit_posteriors(model, preprocess, tokenizer, args, siglip) if args.fit_pairs
+    posteriors = (fit_posteriors(model, preprocess, tokenizer, args, siglip, args.out) if args.fit_pairs
                   else load_posteriors(model, args.posterior))
     timings["posterior"] = time.perf_counter() - start
     for tower, posterior in posteriors.items():
@@ -406,22 +431,27 @@ def run(args: argparse.Namespace) -> dict:
 # ---- self-test ------------------------------------------------------------------------------------------
 def write_shapes_data(folder: str) -> tuple[str, str]:
     """64 generated training pairs and 48 labelled test images as PNG files plus fit.jsonl and eval.jsonl."""
+    return (write_shapes_images(folder, "fit", "train", 64, seed=1, labelled=False),
+            write_shapes_images(folder, "eval", "test", 48, seed=2, labelled=True))
+
+
+def write_shapes_images(folder: str, name: str, domain: str, n: int, seed: int, labelled: bool) -> str:
+    """n generated images of `domain` as FOLDER/NAME/0000.png, ... and FOLDER/NAME.jsonl of {"image", "caption"}
+    (plus "label", the shape, when `labelled`), image paths relative to the JSONL's folder; returns the JSONL."""
     from PIL import Image
 
-    paths = {}
-    for name, domain, n, seed in (("fit", "train", 64, 1), ("eval", "test", 48, 2)):
-        data = shapes.generate(n, domain, seed=seed)
-        os.makedirs(os.path.join(folder, name))
-        pixels = (data.images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
-        paths[name] = os.path.join(folder, f"{name}.jsonl")
-        with open(paths[name], "w") as f:
-            for i, caption in enumerate(data.captions):
-                Image.fromarray(pixels[i]).save(os.path.join(folder, name, f"{i:04d}.png"))
-                record = {"image": f"{name}/{i:04d}.png", "caption": caption}  # relative to the JSONL's folder
-                if name == "eval":
-                    record["label"] = shapes.SHAPES[int(data.shape[i])]
-                f.write(json.dumps(record) + "\n")
-    return paths["fit"], paths["eval"]
+    data = shapes.generate(n, domain, seed=seed)
+    os.makedirs(os.path.join(folder, name))
+    pixels = (data.images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    path = os.path.join(folder, f"{name}.jsonl")
+    with open(path, "w") as f:
+        for i, caption in enumerate(data.captions):
+            Image.fromarray(pixels[i]).save(os.path.join(folder, name, f"{i:04d}.png"))
+            record = {"image": f"{name}/{i:04d}.png", "caption": caption}  # relative to the JSONL's folder
+            if labelled:
+                record["label"] = shapes.SHAPES[int(data.shape[i])]
+            f.write(json.dumps(record) + "\n")
+    return path
 
 
 def write_open_clip_model(folder: str, name: str | None) -> str:

@@ -100,3 +100,60 @@ def test_calibrate_self_test_fits_evaluates_and_writes_results(kind, likelihood,
 def test_calibrate_argument_errors(args, message):
     proc = subprocess.run([sys.executable, CALIBRATE, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+SELECT_LABELS = os.path.join("python", "select_labels.py")
+
+
+@pytest.mark.parametrize("kind", ["open_clip", "hf-clip", "hf-siglip"])
+def test_select_labels_self_test_selects_with_every_method(kind, tmp_path):
+    # Random-init model, generated pool (PNG folder) and shifted-domain targets (JSONL): every method end to end,
+    # the same seed twice, another seed for random, EPIG against acquisition_scores recomputed in-process.
+    pytest.importorskip("open_clip" if kind == "open_clip" else "transformers")
+    out = run(SELECT_LABELS, "--self-test", kind, "--quiet", "--out", str(tmp_path))
+    assert f"self-test passed ({kind})" in out
+    assert "against acquisition_scores recomputed in-process" in out and "True ok" in out
+    classes = {"circle", "square", "triangle", "diamond", "cross", "ring"}
+    for method in ("variance", "entropy", "aleatoric", "bald", "epig", "random"):
+        lines = (tmp_path / f"{method}.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        assert len(records) == 8 and len({r["image"] for r in records}) == 8
+        for rank, record in enumerate(records, start=1):
+            assert set(record) == {"rank", "image", "score", "predicted", "probability"}
+            assert record["rank"] == rank and os.path.basename(os.path.dirname(record["image"])) == "eval"
+            assert record["predicted"] in classes and 0 <= record["probability"] <= 1
+            assert math.isfinite(record["score"]) and (method in ("variance", "random") or record["score"] >= 0)
+        scores = [r["score"] for r in records]
+        assert scores == sorted(scores, reverse=True)  # strategy top
+        assert (tmp_path / f"{method}-again.jsonl").read_text() == "\n".join(lines) + "\n"  # same seed, same file
+        assert f"wrote {tmp_path / method}.jsonl (8 images)" in out
+    assert (tmp_path / "random-other-seed.jsonl").read_text() != (tmp_path / "random.jsonl").read_text()
+    assert "the 2 nearest (wasserstein) of each target" in out
+    for tower in ("image", "text"):  # --save-posterior, reused by the other runs with --posterior
+        assert (tmp_path / "posterior" / f"posterior_{tower}" / "posterior.json").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "required without --self-test"),
+    (["--library", "hf", "--model", ".", "--posterior", "p", "--pool", "x", "--classes", "a,b", "--budget", "2",
+      "--method", "epig"], "--method epig scores the information about target images: give --targets"),
+    (["--library", "hf", "--model", ".", "--posterior", "p", "--pool", "x", "--classes", "a,b", "--budget", "2",
+      "--support-k", "3"], "--support-k keeps the pool images nearest to the targets: give --targets"),
+    (["--library", "hf", "--model", "{model}", "--posterior", "{posterior}", "--pool", "{missing}", "--classes",
+      "a,b", "--budget", "2"], "no such file or directory"),
+    (["--library", "hf", "--model", "{model}", "--posterior", "{posterior}", "--pool", "{pool}", "--classes", "a,b",
+      "--budget", "4"], "--budget 4 is larger than the pool (3 images in"),
+    (["--self-test", "hf-clip", "--pool", "x"], "drop --pool"),
+])
+def test_select_labels_argument_errors(args, message, tmp_path):
+    # Stops before any model loads: argparse's exit status 2 and the reason on stderr.
+    paths = {"model": tmp_path / "model", "posterior": tmp_path / "posterior", "pool": tmp_path / "pool",
+             "missing": tmp_path / "missing.jsonl"}
+    for folder in ("model", "posterior/posterior_image", "posterior/posterior_text", "pool"):
+        (tmp_path / folder).mkdir(parents=True)
+    for i in range(3):  # counted by name; never opened before the budget check
+        (tmp_path / "pool" / f"{i}.png").write_bytes(b"")
+    argv = [a.format(**{k: str(v) for k, v in paths.items()}) for a in args]
+    proc = subprocess.run([sys.executable, SELECT_LABELS, *argv], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
