@@ -578,22 +578,28 @@ def self_test(kind: str, args: argparse.Namespace, out: str) -> list[str]:
     return failures
 
 
+def run_self_tests(test, args: argparse.Namespace) -> int:
+    """Runs `test(kind, args, folder)` (a list of failures) for `args.self_test` ("all": every kind), in
+    args.out or a temporary folder; prints the verdict and returns the exit status."""
+    kinds = SELF_TESTS if args.self_test == "all" else (args.self_test,)
+    with tempfile.TemporaryDirectory() as scratch:
+        root = args.out or scratch
+        failures = [f"{kind}: {failure}" for kind in kinds
+                    for failure in test(kind, args, root if len(kinds) == 1 else os.path.join(root, kind))]
+    if failures:
+        print(f"self-test FAILED: {'; '.join(failures)}", file=sys.stderr)
+        return 1
+    print(f"\nself-test passed ({', '.join(kinds)})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.self_test:
         args.out = args.out or DEFAULT_OUT
         run(args)
         return 0
-    kinds = SELF_TESTS if args.self_test == "all" else (args.self_test,)
-    with tempfile.TemporaryDirectory() as scratch:
-        root = args.out or scratch
-        failures = [f"{kind}: {failure}" for kind in kinds
-                    for failure in self_test(kind, args, root if len(kinds) == 1 else os.path.join(root, kind))]
-    if failures:
-        print(f"self-test FAILED: {'; '.join(failures)}", file=sys.stderr)
-        return 1
-    print(f"\nself-test passed ({', '.join(kinds)})")
-    return 0
+    return run_self_tests(self_test, args)
 
 
 if __name__ == "__main__":

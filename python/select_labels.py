@@ -436,16 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.self_test:
         run(args)
         return 0
-    kinds = SELF_TESTS if args.self_test == "all" else (args.self_test,)
-    with tempfile.TemporaryDirectory() as scratch:
-        root = args.out or scratch
-        failures = [f"{kind}: {failure}" for kind in kinds
-                    for failure in self_test(kind, args, root if len(kinds) == 1 else os.path.join(root, kind))]
-    if failures:
-        print(f"self-test FAILED: {'; '.join(failures)}", file=sys.stderr)
-        return 1
-    print(f"\nself-test passed ({', '.join(kinds)})")
-    return 0
+    return calibrate.run_self_tests(self_test, args)
 
 
 if __name__ == "__main__":
