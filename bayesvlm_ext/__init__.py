@@ -3,7 +3,7 @@
 The mathematics is SPEC.md; the README maps each section to the names below.
 """
 
-from . import active, capture, default_model, evaluation, ops, reference, shapes
+from . import active, capture, default_model, evaluation, ops, probvlm, reference, shapes
 from ._extension import backend, build_info, has_extension
 from .active import (Acquisition, JointSamples, Metric, Selection, acquisition_scores, label_curvature,
                      nearest_neighbours, select, update_posterior)
@@ -14,6 +14,8 @@ from .index import IndexWriter, RetrievalIndex, build_index, open_index, save_in
 from .moments import MomentsOutput, Variant, cosine_moments
 from .posterior import Damping, FactorReport, KronPosterior
 from .predictive import Link, accuracy, ece, nlpd, predictive, reliability
+from .probvlm import (GGDParams, LossWeights, ProbVLM, ProbVLMAdapter, TrainingHistory, ggd_nll, ggd_variance,
+                      train_probvlm)
 from .retrieval import Score, merge_topk, topk
 from .zeroshot import ZeroShotClassifier, template_average
 
@@ -26,10 +28,13 @@ __all__ = [
     # embeddings, moments, prediction, retrieval, zero-shot
     "EmbeddingDistribution", "CovarianceForm", "cosine_moments", "Variant", "MomentsOutput", "predictive", "Link",
     "accuracy", "nlpd", "ece", "reliability", "topk", "Score", "ZeroShotClassifier", "template_average",
+    # ProbVLM, the second method (SPEC 9)
+    "ProbVLM", "ProbVLMAdapter", "GGDParams", "LossWeights", "TrainingHistory", "ggd_nll", "ggd_variance",
+    "train_probvlm",
     # active selection (SPEC 8)
     "acquisition_scores", "Acquisition", "JointSamples", "select", "Selection", "nearest_neighbours", "Metric",
     "update_posterior", "label_curvature",
     # modules and build
-    "active", "ops", "reference", "evaluation", "capture", "shapes", "default_model", "backend", "build_info",
+    "active", "ops", "probvlm", "reference", "evaluation", "capture", "shapes", "default_model", "backend", "build_info",
     "has_extension", "__version__",
 ]
