@@ -1,8 +1,10 @@
-"""Command line: `bayesvlm-ext fit`, `index` and `retrieve` (also `python -m bayesvlm_ext ...`).
+"""Command line: `bayesvlm-ext fit`, `index`, `retrieve` and `probvlm-train` (also `python -m bayesvlm_ext ...`).
 
     bayesvlm-ext fit --model ViT-B-32 --pretrained CHECKPOINT.pt --pairs PAIRS.jsonl --out DIR
     bayesvlm-ext index --posterior DIR --tower image --features GALLERY.safetensors --out INDEX
     bayesvlm-ext retrieve --index INDEX --posterior DIR --queries QUERIES.safetensors --k 10 --out RESULTS.jsonl
+    bayesvlm-ext probvlm-train --embeddings PAIRS.safetensors --out ADAPTER
+    bayesvlm-ext index --adapter ADAPTER --tower image --features EMBEDDINGS.safetensors --out INDEX
 
 PAIRS.jsonl holds one JSON object per line, {"image": PATH, "caption": TEXT}; relative image paths
 are read from the JSONL's folder. Lines that are not such objects, empty captions, missing and
@@ -23,6 +25,11 @@ torchrun both deal out whole shards in contiguous blocks (rank r: shards [S r / 
 `retrieve` gathers each rank's top-k on rank 0 and merges them (retrieval.merge_topk). Shard bytes and
 result lines are then identical to one process at the same thread settings (torchrun sets
 OMP_NUM_THREADS=1; BLAS may round differently with other thread counts).
+
+`probvlm-train` trains the ProbVLM adapters (bayesvlm_ext.probvlm, SPEC.md section 9) on a safetensors
+file of paired embeddings "image" and "text" [N, D] and writes ADAPTER (ProbVLM.save, history.json).
+`index` and `retrieve` take `--adapter ADAPTER` in place of `--posterior DIR`: the features are then the
+embeddings themselves [N, D], embedded as diagonal Gaussians with the options `index` records.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ from .fit import TOWERS, ClassBatchSampler, fit_factors
 from .index import DEFAULT_SHARD_ROWS, IndexWriter, RetrievalIndex, open_index, open_safetensors, posterior_summary, \
     search
 from .posterior import KronPosterior
+from .probvlm import (DEFAULT_DEPTH, DEFAULT_DROPOUT, DEFAULT_HIDDEN, DEFAULT_LR, DEFAULT_MC_SAMPLES, MeanSource, ProbVLM,
+                      ProbVLMAdapter, Uncertainty, train_probvlm)
 from .retrieval import Score, merge_topk
 
 PUBLISHED_TOWER = {"image": "img", "text": "txt"}
@@ -243,6 +252,18 @@ def _load_posteriors(directory: str, gallery_tower: str) -> tuple[KronPosterior,
     return posteriors[0], posteriors[1]
 
 
+def _load_models(args: argparse.Namespace, gallery_tower: str):
+    """(gallery tower's model, the other tower's, the directory they came from): KronPosteriors from
+    --posterior or ProbVLM adapters from --adapter."""
+    if args.adapter is None:
+        return (*_load_posteriors(args.posterior, gallery_tower), args.posterior)
+    try:
+        model = ProbVLM.load(args.adapter)
+    except (FileNotFoundError, ValueError) as error:
+        raise CommandError(f"--adapter {args.adapter}: {error}") from None
+    return model.adapter(gallery_tower), model.adapter(OTHER_TOWER[gallery_tower]), args.adapter
+
+
 class _FeatureFile:
     """A safetensors file of "features" [N, P] (any float dtype), optionally "ids" [N] int64 and "residual"
     [N, D]; memory-mapped, so a rank reads only the rows it asks for."""
@@ -402,11 +423,21 @@ def _index(args: argparse.Namespace, rank: int, world: int, device: torch.device
     say = print if rank == 0 else (lambda *a, **k: None)
     start_time = time.perf_counter()
     try:  # every rank reads the same inputs, so every rank fails here alike
-        gallery_posterior, query_posterior = _load_posteriors(args.posterior, args.tower)
+        gallery_posterior, query_posterior, where = _load_models(args, args.tower)
+        embed_options = None
+        if args.adapter is not None:
+            embed_options = {"uncertainty": args.uncertainty, "num_samples": args.mc_samples, "seed": args.mc_seed,
+                             "mean": args.mean}
         if args.features is not None:
             source = _FeatureFile(args.features, "--features")
             option, ids, logit_scale, logit_bias = "--features", source.ids, args.logit_scale, args.logit_bias
+            if args.adapter is not None and source.residual is not None:
+                raise CommandError(f"--features {args.features}: holds a 'residual', which a ProbVLM adapter does not "
+                                   "use (its features are the embeddings themselves)")
         else:
+            if args.adapter is not None:
+                raise CommandError("--images computes features for a posterior; with --adapter give --features, the "
+                                   "embeddings the adapter was trained on")
             if args.tower != "image":
                 raise CommandError("--images computes image features: use it with --tower image")
             source = _ImageFeatures(args, device, say)
@@ -414,15 +445,16 @@ def _index(args: argparse.Namespace, rank: int, world: int, device: torch.device
             logit_scale = source.logit_scale if args.logit_scale is None else args.logit_scale
             logit_bias = source.logit_bias if args.logit_bias is None else args.logit_bias
         if source.width != gallery_posterior.in_features:
-            raise CommandError(f"{option}: the features are [N, {source.width}] but the {args.tower} posterior in "
-                               f"{args.posterior} needs P = {gallery_posterior.in_features}")
+            raise CommandError(f"{option}: the features are [N, {source.width}] but the {args.tower} "
+                               f"{'adapter' if args.adapter else 'posterior'} in {where} needs "
+                               f"{'D' if args.adapter else 'P'} = {gallery_posterior.in_features}")
         if len(source) == 0:
             raise CommandError(f"{option}: no gallery items")
         dtype = torch.float32
         if isinstance(source, _FeatureFile):
             dtype = accumulation_dtype(source.features.dtype)
         writer = IndexWriter.for_posteriors(args.out, gallery_posterior, query_posterior, len(source), dtype,
-                                            shard_rows=args.shard_rows, ids=ids, tower=args.tower,
+                                            embed_options, shard_rows=args.shard_rows, ids=ids, tower=args.tower,
                                             logit_scale=logit_scale, logit_bias=logit_bias)
     except (CommandError, ValueError, OSError) as error:
         say(f"error: {error}", file=sys.stderr)
@@ -464,17 +496,26 @@ def _matches(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and float((a - b.to(a.dtype)).abs().max()) <= rtol * float(a.abs().max())
 
 
-def _check_index_matches(index: RetrievalIndex, gallery: KronPosterior, query: KronPosterior, where: str) -> None:
-    """Raises CommandError unless `index` was built from these posteriors (sizes, hyper-parameters, matrices)."""
+def _check_index_matches(index: RetrievalIndex, gallery: KronPosterior | ProbVLMAdapter,
+                         query: KronPosterior | ProbVLMAdapter, where: str, embed_options: dict | None = None) -> None:
+    """Raises CommandError unless `index` was built from these posteriors (sizes, hyper-parameters, matrices)
+    or these ProbVLM adapters (configuration, fingerprint of the parameters, embed options)."""
+    adapter = isinstance(gallery, ProbVLMAdapter)
     if index.dim != gallery.out_features:
-        raise CommandError(f"--index {index.directory} has D = {index.dim}; the posteriors in {where} have "
-                           f"D = {gallery.out_features}")
+        raise CommandError(f"--index {index.directory} has D = {index.dim}; the "
+                           f"{'adapters' if adapter else 'posteriors'} in {where} have D = {gallery.out_features}")
     for side, posterior in (("gallery", gallery), ("query", query)):
-        stored, given = index.posteriors.get(side), posterior_summary(posterior)
+        stored, given = index.posteriors.get(side), posterior_summary(posterior, embed_options)
         if stored is not None and stored != given:
             differing = sorted(key for key in given if stored.get(key) != given[key])
-            raise CommandError(f"--index {index.directory} was built with another {side} posterior than the one in "
+            raise CommandError(f"--index {index.directory} was built with another {side} "
+                               f"{'adapter' if adapter else 'posterior'} than the one in "
                                f"{where} (differs in {', '.join(differing)})")
+    if adapter:  # no shared matrices: the fingerprints above identify the adapters
+        if index.form is not CovarianceForm.DIAG:
+            raise CommandError(f"--index {index.directory} holds '{index.form.value}'-form items; a ProbVLM adapter "
+                               "gives 'diag'")
+        return
     template = gallery.embed(torch.zeros(0, gallery.in_features, dtype=index.dtype), against=query)
     if template.form is not index.form:
         raise CommandError(f"--index {index.directory} holds '{index.form.value}'-form items; the {index.tower} "
@@ -511,13 +552,24 @@ def _retrieve(args: argparse.Namespace, rank: int, world: int, device: torch.dev
         if index.tower is None:
             raise CommandError(f"--index {args.index} names no tower (built in Python without tower=); rebuild it "
                                "with `bayesvlm-ext index` or build_index(..., tower=)")
-        gallery_posterior, query_posterior = _load_posteriors(args.posterior, index.tower)
-        _check_index_matches(index, gallery_posterior, query_posterior, args.posterior)
+        built_by_adapter = index.posteriors.get("gallery", {}).get("method") == "probvlm"
+        if built_by_adapter != (args.adapter is not None):
+            raise CommandError(f"--index {args.index} was {'' if built_by_adapter else 'not '}built with a ProbVLM "
+                               f"adapter; give it with {'--adapter' if built_by_adapter else '--posterior'}")
+        gallery_posterior, query_posterior, where = _load_models(args, index.tower)
+        embed_options = None
+        if args.adapter is not None:  # the queries are embedded as the index's gallery was
+            stored = index.posteriors.get("query") or index.posteriors.get("gallery") or {}
+            embed_options = {key: stored[key] for key in ("uncertainty", "num_samples", "seed", "mean")
+                             if key in stored}
+        _check_index_matches(index, gallery_posterior, query_posterior, where, embed_options)
         queries = _FeatureFile(args.queries, "--queries")
         if queries.width != query_posterior.in_features:
             raise CommandError(f"--queries: the features are [N, {queries.width}] but the "
-                               f"{OTHER_TOWER[index.tower]} posterior in {args.posterior} needs P = "
-                               f"{query_posterior.in_features}")
+                               f"{OTHER_TOWER[index.tower]} {'adapter' if args.adapter else 'posterior'} in {where} "
+                               f"needs {'D' if args.adapter else 'P'} = {query_posterior.in_features}")
+        if args.adapter is not None and queries.residual is not None:
+            raise CommandError(f"--queries {args.queries}: holds a 'residual', which a ProbVLM adapter does not use")
         if args.k > len(index):
             raise CommandError(f"--k {args.k} is larger than the gallery ({len(index)} items in {args.index})")
         logit_scale = index.logit_scale if args.logit_scale is None else args.logit_scale
@@ -543,7 +595,10 @@ def _retrieve(args: argparse.Namespace, rank: int, world: int, device: torch.dev
         if accumulation_dtype(phi.dtype) != index.dtype:
             phi = phi.to(index.dtype)  # queries are embedded in the index's dtype, like its cached statistics
         with torch.no_grad():
-            embedded = query_posterior.embed(phi, None if residual is None else residual.to(phi.dtype))
+            if embed_options is not None:
+                embedded = query_posterior.embed(phi, **embed_options)
+            else:
+                embedded = query_posterior.embed(phi, None if residual is None else residual.to(phi.dtype))
         if cross_shared is not None and embedded.form is CovarianceForm.KRON:
             # The index's copy of this tower's B^-1 (checked to match): its cached cross_quad then applies as is.
             embedded = EmbeddingDistribution(embedded.mean, embedded.form, alpha=embedded.alpha, shared=cross_shared,
@@ -597,6 +652,76 @@ def _gather_topk(result, counts: list[int], k: int, rank: int, world: int):
             for f, i, c in zip(float_list, index_list, counts) if c > 0]
 
 
+# ---- probvlm-train ---------------------------------------------------------------------------------------
+
+def probvlm_train_command(args: argparse.Namespace) -> int:
+    from .probvlm import LossWeights
+
+    try:
+        tensors = _embedding_pairs(args.embeddings)
+        weights = LossWeights(args.l1_weight, args.nll_weight, args.cross_weight)
+    except (CommandError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.device(args.device)
+    try:
+        model, history = train_probvlm(
+            tensors["image"], tensors["text"], val_image=tensors.get("val_image"), val_text=tensors.get("val_text"),
+            val_fraction=args.val_fraction, hidden=args.hidden, depth=args.depth, dropout=args.dropout,
+            weights=weights, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
+            seed=args.seed, checkpoint=os.path.join(args.out, "checkpoint.pt") if args.resume else None,
+            progress=not args.quiet, device=device)
+    except ValueError as error:  # e.g. a checkpoint of another run, too few pairs to hold out validation
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    model.cpu().save(args.out)
+    summary = {"pairs": tensors["image"].shape[0], "dim": model.dim, "epochs": len(history.train_loss),
+               "best_epoch": history.best_epoch, "stopped_early": history.stopped_early,
+               "best_val_loss": history.val_loss[history.best_epoch], "seconds": history.seconds,
+               "train_loss": history.train_loss, "val_loss": history.val_loss,
+               "settings": {name: getattr(args, name) for name in (
+                   "val_fraction", "hidden", "depth", "dropout", "epochs", "patience", "batch_size", "lr",
+                   "l1_weight", "nll_weight", "cross_weight", "seed")}}
+    with open(os.path.join(args.out, "history.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"trained ProbVLM on {summary['pairs']} pairs (D = {model.dim}) for {summary['epochs']} epochs in "
+          f"{history.seconds:.1f} s{' (stopped early)' if history.stopped_early else ''}; best validation loss "
+          f"{summary['best_val_loss']:.6g} at epoch {history.best_epoch}; wrote {args.out}/")
+    return 0
+
+
+def _embedding_pairs(path: str) -> dict[str, torch.Tensor]:
+    """"image", "text" [N, D] and optionally "val_image", "val_text" [V, D] of a safetensors file, in memory."""
+    try:
+        file = open_safetensors(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise CommandError(f"--embeddings {path}: {error}") from None
+    entries = file.entries
+    floating = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    if "image" not in entries or "text" not in entries:
+        raise CommandError(f"--embeddings {path}: needs tensors 'image' and 'text' [N, D] (row i of each a pair), "
+                           f"optional 'val_image' and 'val_text' [V, D]; found {sorted(entries)}")
+    if ("val_image" in entries) != ("val_text" in entries):
+        raise CommandError(f"--embeddings {path}: 'val_image' and 'val_text' go together")
+    tensors = {}
+    for name in ("image", "text", "val_image", "val_text"):
+        if name not in entries:
+            continue
+        dtype, shape = entries[name][:2]
+        if len(shape) != 2 or dtype not in floating or shape[0] == 0:
+            raise CommandError(f"--embeddings {path}: '{name}' must be a non-empty 2-D float tensor, got {dtype} "
+                               f"{shape}")
+        tensors[name] = file.tensor(name).clone()
+    for first, second in (("image", "text"), ("val_image", "val_text")):
+        if first in tensors and tensors[first].shape != tensors[second].shape:
+            raise CommandError(f"--embeddings {path}: '{first}' and '{second}' must have one shape (paired rows), got "
+                               f"{tuple(tensors[first].shape)} and {tuple(tensors[second].shape)}")
+    if "val_image" in tensors and tensors["val_image"].shape[1] != tensors["image"].shape[1]:
+        raise CommandError(f"--embeddings {path}: 'val_image' must have D = {tensors['image'].shape[1]} like 'image'")
+    return tensors
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bayesvlm-ext", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -620,8 +745,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
 
     index = commands.add_parser("index", help="embed a gallery into a retrieval index on disk (memory-mapped shards)")
-    index.add_argument("--posterior", required=True,
-                       help="output directory of `bayesvlm-ext fit` (posterior_image/, posterior_text/)")
+    model = index.add_mutually_exclusive_group(required=True)
+    model.add_argument("--posterior", help="output directory of `bayesvlm-ext fit` (posterior_image/, posterior_text/)")
+    model.add_argument("--adapter", help="output directory of `bayesvlm-ext probvlm-train` (ProbVLM, SPEC.md "
+                                         "section 9); --features then holds the embeddings [M, D]")
     index.add_argument("--tower", required=True, choices=["image", "text"],
                        help="the gallery's tower; the other one is the query side")
     source = index.add_mutually_exclusive_group(required=True)
@@ -640,14 +767,24 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--device", default="cpu", help="device of the model's forward with --images")
     index.add_argument("--seed", type=int, default=0,
                        help="seeds the random initialisation when there is no --pretrained")
+    index.add_argument("--uncertainty", choices=[u.value for u in Uncertainty], default="total",
+                       help="with --adapter: aleatoric, epistemic (MC dropout) or both")
+    index.add_argument("--mc-samples", type=int, default=DEFAULT_MC_SAMPLES,
+                       help="with --adapter: Monte Carlo dropout passes")
+    index.add_argument("--mc-seed", type=int, default=0, help="with --adapter: seed of the dropout masks")
+    index.add_argument("--mean", choices=[m.value for m in MeanSource], default="input",
+                       help="with --adapter: the embedding itself (input) or the adapter's mu as the mean")
     index.add_argument("--quiet", action="store_true", help="no progress bar")
 
     retrieve = commands.add_parser("retrieve", help="top-k of an index for query features, as JSONL")
     retrieve.add_argument("--index", required=True, help="index directory written by `bayesvlm-ext index`")
-    retrieve.add_argument("--posterior", required=True, help="the `fit` output directory the index was built with")
+    model = retrieve.add_mutually_exclusive_group(required=True)
+    model.add_argument("--posterior", help="the `fit` output directory the index was built with")
+    model.add_argument("--adapter", help="the `probvlm-train` output directory the index was built with; the queries "
+                                         "are embedded with the index's --uncertainty, --mc-samples, --mc-seed, --mean")
     retrieve.add_argument("--queries", required=True,
-                          help="safetensors file: features [N, Q] of the other tower, optional ids [N] int64, "
-                               "residual [N, D]")
+                          help="safetensors file: features [N, Q] of the other tower (embeddings [N, D] with "
+                               "--adapter), optional ids [N] int64, residual [N, D]")
     retrieve.add_argument("--k", type=int, default=10, help="gallery items per query")
     retrieve.add_argument("--score", choices=[s.value for s in Score], default="mean",
                           help="ranking: logit mean, mean -/+ kappa sd, or probit match probability")
@@ -657,6 +794,30 @@ def build_parser() -> argparse.ArgumentParser:
     retrieve.add_argument("--logit-scale", type=float, default=None, help="log s (default: the index's)")
     retrieve.add_argument("--logit-bias", type=float, default=None, help="beta (default: the index's, else 0)")
     retrieve.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    train = commands.add_parser("probvlm-train", help="train the ProbVLM adapters on paired embeddings (SPEC.md "
+                                                      "section 9)")
+    train.add_argument("--embeddings", required=True,
+                       help="safetensors file: image [N, D] and text [N, D] (row i a pair), optional val_image and "
+                            "val_text [V, D]")
+    train.add_argument("--out", required=True, help="output directory (ProbVLM.save, history.json)")
+    train.add_argument("--val-fraction", type=float, default=0.1,
+                       help="pairs held out for validation when the file has no val_image / val_text")
+    train.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN, help="hidden width h")
+    train.add_argument("--depth", type=int, default=DEFAULT_DEPTH, help="hidden h -> h layers in the trunk")
+    train.add_argument("--dropout", type=float, default=DEFAULT_DROPOUT)
+    train.add_argument("--epochs", type=int, default=100, help="at most this many epochs")
+    train.add_argument("--patience", type=int, default=10, help="stop after this many epochs without a better "
+                                                                "validation loss")
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--lr", type=float, default=DEFAULT_LR, help="Adam learning rate")
+    train.add_argument("--l1-weight", type=float, default=1.0, help="T1")
+    train.add_argument("--nll-weight", type=float, default=1e-4, help="T2")
+    train.add_argument("--cross-weight", type=float, default=1e-4, help="lambda_cross")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    train.add_argument("--resume", action="store_true", help="checkpoint to OUT/checkpoint.pt and resume from it")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -666,6 +827,8 @@ def main(argv: list[str] | None = None) -> int:
         return index_command(_checked_index_args(args))
     if args.command == "retrieve":
         return retrieve_command(_checked_retrieve_args(args))
+    if args.command == "probvlm-train":
+        return probvlm_train_command(_checked_train_args(args))
     for name in ("class_batch_size", "batch_size"):
         if getattr(args, name) < 1:
             build_parser().error(f"--{name.replace('_', '-')} must be at least 1")
@@ -681,8 +844,9 @@ def _checked_index_args(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("shard_rows", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if not os.path.isdir(args.posterior):
-        parser.error(f"--posterior {args.posterior}: no such directory")
+    _check_model_directory(parser, args)
+    if args.adapter is not None and args.mc_samples < 2:
+        parser.error(f"--mc-samples must be at least 2, got {args.mc_samples}")
     if args.features is not None and not os.path.isfile(args.features):
         parser.error(f"--features {args.features}: no such file")
     if args.images is not None:
@@ -708,10 +872,35 @@ def _checked_retrieve_args(args: argparse.Namespace) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if not os.path.isdir(args.index):
         parser.error(f"--index {args.index}: no such directory")
-    if not os.path.isdir(args.posterior):
-        parser.error(f"--posterior {args.posterior}: no such directory")
+    _check_model_directory(parser, args)
     if not os.path.isfile(args.queries):
         parser.error(f"--queries {args.queries}: no such file")
+    return args
+
+
+def _check_model_directory(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    option, path = ("--adapter", args.adapter) if args.adapter is not None else ("--posterior", args.posterior)
+    if not os.path.isdir(path):
+        parser.error(f"{option} {path}: no such directory")
+
+
+def _checked_train_args(args: argparse.Namespace) -> argparse.Namespace:
+    parser = build_parser()
+    for name in ("hidden", "depth", "epochs", "patience", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not 0 < args.val_fraction < 1:
+        parser.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    if not 0 <= args.dropout < 1:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr must be a positive finite number, got {args.lr}")
+    for name in ("l1_weight", "nll_weight", "cross_weight"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if not os.path.isfile(args.embeddings):
+        parser.error(f"--embeddings {args.embeddings}: no such file")
     return args
 
 

@@ -38,9 +38,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._validation import accumulation_dtype, check_tensor
+from ._validation import accumulation_dtype, check_tensor, parse_enum
 from .distribution import CovarianceForm, EmbeddingDistribution
 from .posterior import KronPosterior
+from .probvlm import DEFAULT_MC_SAMPLES, MeanSource, ProbVLMAdapter, Uncertainty
 from .retrieval import Score, merge_topk, topk
 
 __all__ = ["IndexWriter", "RetrievalIndex", "ShardInfo", "build_index", "save_index", "open_index", "search",
@@ -119,25 +120,22 @@ class IndexWriter:
     def for_posteriors(
         cls,
         directory: str | os.PathLike,
-        gallery_posterior: KronPosterior,  # the gallery tower's posterior
-        query_posterior: KronPosterior | None,  # the other tower: its B^-1 is cached as cross_quad
-        rows: int,
+        gallery_posterior: KronPosterior | ProbVLMAdapter,  # the gallery tower's posterior or ProbVLM adapter
+        query_posterior: KronPosterior | ProbVLMAdapter | None,  # the other tower (a posterior's B^-1 is cached
+        rows: int,                                               # as cross_quad; an adapter's is recorded)
         dtype: torch.dtype = torch.float32,  # of the stored statistics: accumulation dtype of the features
+        embed_options: dict | None = None,  # ProbVLMAdapter.embed's uncertainty, num_samples, seed, mean
         **kwargs,
     ) -> "IndexWriter":
-        """A writer for the gallery `gallery_posterior.embed(phi, against=query_posterior)` (SPEC.md section 3)."""
-        if not isinstance(gallery_posterior, KronPosterior):
-            raise ValueError(f"argument 'gallery_posterior' must be a KronPosterior, got "
-                             f"{type(gallery_posterior).__name__}")
+        """A writer for the gallery `gallery_posterior.embed(phi, against=query_posterior)` (SPEC.md section 3),
+        or, for ProbVLM (SPEC.md section 9), `gallery_posterior.embed(phi, **embed_options)` of diag form."""
         if dtype not in _DTYPE_NAMES:
             raise ValueError(f"argument 'dtype' must be torch.float32 or torch.float64, got {dtype}")
-        empty = torch.zeros(0, gallery_posterior.in_features, dtype=dtype, device=gallery_posterior.device)
-        template = gallery_posterior.embed(empty, against=query_posterior)
-        posteriors = {"gallery": posterior_summary(gallery_posterior)}
-        if query_posterior is not None:
-            posteriors["query"] = posterior_summary(query_posterior)
+        embed, posteriors = _embedder(gallery_posterior, query_posterior, embed_options)
+        device = _model_device(gallery_posterior)
+        template = embed(torch.zeros(0, gallery_posterior.in_features, dtype=dtype, device=device), None)
         writer = cls(directory, template, rows, posteriors=posteriors, **kwargs)
-        writer.gallery_posterior, writer.query_posterior = gallery_posterior, query_posterior
+        writer._embed = embed
         return writer
 
     @property
@@ -158,8 +156,8 @@ class IndexWriter:
         batch_size: int | None = None,  # rows per embed call, counted from the shard's first row (default: all)
     ) -> None:
         """Embeds the shard's features with the writer's posteriors and writes the shard file."""
-        posterior = getattr(self, "gallery_posterior", None)
-        if posterior is None:
+        embed = getattr(self, "_embed", None)
+        if embed is None:
             raise ValueError("embed_shard needs a writer made by IndexWriter.for_posteriors; use write()")
         start, stop = self.shard_range(number)
         check_tensor("phi", phi, dim=2)
@@ -177,7 +175,7 @@ class IndexWriter:
         with torch.no_grad():
             for b0 in range(0, phi.shape[0], batch_size):
                 part_residual = None if residual is None else residual[b0:b0 + batch_size]
-                parts.append(posterior.embed(phi[b0:b0 + batch_size], part_residual, against=self.query_posterior))
+                parts.append(embed(phi[b0:b0 + batch_size], part_residual))
         self.write(number, _concatenate(parts))
 
     def write(self, number: int, part: EmbeddingDistribution) -> None:
@@ -234,19 +232,71 @@ class IndexWriter:
             os.remove(path)
 
 
-def posterior_summary(posterior: KronPosterior) -> dict:
-    """What identifies a posterior cheaply: its sizes and hyper-parameters (stored in index.json, checked on use)."""
+def posterior_summary(posterior: KronPosterior | ProbVLMAdapter, embed_options: dict | None = None) -> dict:
+    """What identifies a posterior cheaply: its sizes and hyper-parameters (stored in index.json, checked on use).
+    For a ProbVLM adapter: its configuration, the fingerprint of its parameters and the embed options."""
+    if isinstance(posterior, ProbVLMAdapter):
+        return {"method": "probvlm", **posterior.config, "fingerprint": posterior.fingerprint(),
+                **_adapter_options(embed_options)}
     return {"damping": posterior.damping.value, "in_features": posterior.in_features,
             "out_features": posterior.out_features, "bias": posterior.bias is not None,
             "prior_precision": posterior.prior_precision, "pseudo_count": posterior.pseudo_count}
 
 
+def _adapter_options(embed_options: dict | None) -> dict:
+    """ProbVLMAdapter.embed's options, completed with its defaults and checked, as stored in index.json."""
+    options = {"uncertainty": "total", "num_samples": DEFAULT_MC_SAMPLES, "seed": 0, "mean": "input",
+               **(embed_options or {})}
+    unknown = sorted(set(options) - {"uncertainty", "num_samples", "seed", "mean"})
+    if unknown:
+        raise ValueError(f"argument 'embed_options' takes uncertainty, num_samples, seed and mean, got {unknown}")
+    options["uncertainty"] = parse_enum("embed_options['uncertainty']", options["uncertainty"], Uncertainty).value
+    options["mean"] = parse_enum("embed_options['mean']", options["mean"], MeanSource).value
+    return options
+
+
+def _embedder(gallery, query, embed_options):
+    """(embed(phi, residual) -> EmbeddingDistribution, {"gallery": summary, "query": summary}) for a KronPosterior
+    gallery (with its query-side posterior) or a ProbVLMAdapter gallery (with the query side's adapter)."""
+    if isinstance(gallery, ProbVLMAdapter):
+        if query is not None and not isinstance(query, ProbVLMAdapter):
+            raise ValueError(f"argument 'query_posterior' must be a ProbVLMAdapter (the other modality's) with a "
+                             f"ProbVLMAdapter gallery, got {type(query).__name__}")
+        options = _adapter_options(embed_options)
+
+        def embed(phi: Tensor, residual: Tensor | None) -> EmbeddingDistribution:
+            if residual is not None:
+                raise ValueError("argument 'residual' has no meaning for a ProbVLM adapter (it reads embeddings)")
+            return gallery.embed(phi, **options)
+    elif isinstance(gallery, KronPosterior):
+        if query is not None and not isinstance(query, KronPosterior):
+            raise ValueError(f"argument 'query_posterior' must be a KronPosterior with a KronPosterior gallery, got "
+                             f"{type(query).__name__}")
+        if embed_options:
+            raise ValueError("argument 'embed_options' is for ProbVLM adapters; a KronPosterior takes none")
+
+        def embed(phi: Tensor, residual: Tensor | None) -> EmbeddingDistribution:
+            return gallery.embed(phi, residual, against=query)
+    else:
+        raise ValueError(f"argument 'gallery_posterior' must be a KronPosterior or a ProbVLMAdapter, got "
+                         f"{type(gallery).__name__}")
+    posteriors = {"gallery": posterior_summary(gallery, embed_options)}
+    if query is not None:
+        posteriors["query"] = posterior_summary(query, embed_options)
+    return embed, posteriors
+
+
+def _model_device(model: KronPosterior | ProbVLMAdapter) -> torch.device:
+    return model.device if isinstance(model, KronPosterior) else model.trunk_in.weight.device
+
+
 def build_index(
     directory: str | os.PathLike,
-    gallery_posterior: KronPosterior,  # the gallery tower's posterior
-    features: Tensor,  # [M, P] the gallery's features (may itself be memory-mapped)
-    query_posterior: KronPosterior | None = None,  # the other tower, whose B^-1 the cross_quad cache uses
+    gallery_posterior: KronPosterior | ProbVLMAdapter,  # the gallery tower's posterior or ProbVLM adapter
+    features: Tensor,  # [M, P] the gallery's features (may itself be memory-mapped); [M, D] embeddings for ProbVLM
+    query_posterior: KronPosterior | ProbVLMAdapter | None = None,  # the other tower (B^-1 cached as cross_quad)
     *,
+    embed_options: dict | None = None,  # ProbVLM only: ProbVLMAdapter.embed's uncertainty, num_samples, seed, mean
     residual: Tensor | None = None,  # [M, D] fixed residual (SigLIP image tower)
     shard_rows: int = DEFAULT_SHARD_ROWS,
     batch_size: int | None = None,  # rows per embed call within a shard (default: the whole shard)
@@ -257,8 +307,10 @@ def build_index(
 ) -> "RetrievalIndex":
     """Embeds a gallery shard by shard into an index at `directory` and opens it (SPEC.md sections 3 and 7).
 
-    Each shard is `gallery_posterior.embed(features[rows], residual[rows], against=query_posterior)`,
-    `batch_size` rows at a time from the shard's first row: memory beyond `features` is one shard.
+    Each shard is `gallery_posterior.embed(features[rows], residual[rows], against=query_posterior)`
+    (for a ProbVLM adapter `gallery_posterior.embed(features[rows], **embed_options)`, recorded in the
+    index with the adapter's fingerprint), `batch_size` rows at a time from the shard's first row: memory
+    beyond `features` is one shard.
     Statistics are stored in the accumulation dtype of `features` (float64 for float64, else float32).
     """
     check_tensor("features", features, dim=2)
@@ -270,8 +322,8 @@ def build_index(
     if features.shape[0] == 0:
         raise ValueError("argument 'features' must have at least one row (an index of nothing cannot be searched)")
     writer = IndexWriter.for_posteriors(directory, gallery_posterior, query_posterior, features.shape[0],
-                                        accumulation_dtype(features.dtype), shard_rows=shard_rows, ids=ids,
-                                        tower=tower, logit_scale=logit_scale, logit_bias=logit_bias)
+                                        accumulation_dtype(features.dtype), embed_options, shard_rows=shard_rows,
+                                        ids=ids, tower=tower, logit_scale=logit_scale, logit_bias=logit_bias)
     writer.discard_manifest()
     for number, (start, stop) in enumerate(writer.ranges):
         writer.embed_shard(number, features[start:stop], None if residual is None else residual[start:stop],
