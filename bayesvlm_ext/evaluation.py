@@ -96,17 +96,18 @@ def retrieval_report(
     ks: tuple[int, ...] = (1, 5, 10),
     n_bins: int = 10,
     score: str = "probit",
+    method: str = "bayesvlm",  # the key of the uncertainty-aware results (e.g. "probvlm")
 ) -> tuple[dict, dict]:  # results, per-bin curves
     """Retrieval both ways, for the deterministic model and with uncertainty.
 
     image_to_text: each image must find its caption among the M captions; text_to_image: each caption
     must find any image with that caption. "map" ranks by the cosine of the means (the deterministic
-    model: the streamed top-k on zero-covariance copies); "bayesvlm" ranks by `score` (default the probit
+    model: the streamed top-k on zero-covariance copies); `method` ranks by `score` (default the probit
     match probability) and adds Spearman's rho between the query uncertainty tr(S) / ||mean||^2 and
     Recall@1 over `n_bins` equal-count bins (`uncertainty_recall`; None when Recall@1 is equal in every
     bin, where rho is undefined). Returns
-      results {"map" | "bayesvlm": {"image_to_text" | "text_to_image": {"recall@k": ..., "spearman": ...}}}
-      curves {direction: {"uncertainty": [n_bins], "recall@1": [n_bins]}} (BayesVLM's bins, for a plot).
+      results {"map" | method: {"image_to_text" | "text_to_image": {"recall@k": ..., "spearman": ...}}}
+      curves {direction: {"uncertainty": [n_bins], "recall@1": [n_bins]}} (`method`'s bins, for a plot).
     k larger than a gallery is left out of the recalls.
     """
     for name, value in (("image", image), ("text", text)):
@@ -120,7 +121,9 @@ def retrieval_report(
     dist = {"image": image, "text": text}
     point = {tower: EmbeddingDistribution.diagonal(d.mean, torch.zeros_like(d.mean)) for tower, d in dist.items()}
     labels = {"image": image_captions.cpu(), "text": torch.arange(len(text))}
-    results: dict = {"map": {}, "bayesvlm": {}}
+    if not isinstance(method, str) or not method or method == "map":
+        raise ValueError(f"argument 'method' must be a non-empty name other than 'map', got {method!r}")
+    results: dict = {"map": {}, method: {}}
     curves = {}
     for name, query, gallery in (("image_to_text", "image", "text"), ("text_to_image", "text", "image")):
         k = min(max(ks), len(dist[gallery]))
@@ -131,6 +134,6 @@ def retrieval_report(
         hits = labels[gallery][top.cpu()] == labels[query][:, None]
         uncertainty = dist[query].trace().double().cpu() / dist[query].mean.double().cpu().pow(2).sum(1)
         bin_uncertainty, bin_recall, rho = uncertainty_recall(uncertainty, hits[:, 0], min(n_bins, len(hits)))
-        results["bayesvlm"][name] = {**recall_at_k(hits, kept), "spearman": rho if rho == rho else None}
+        results[method][name] = {**recall_at_k(hits, kept), "spearman": rho if rho == rho else None}
         curves[name] = {"uncertainty": bin_uncertainty.tolist(), "recall@1": bin_recall.tolist()}
     return results, curves

@@ -124,3 +124,8 @@ def test_retrieval_report_against_dense_rankings():
     assert results["map"]["image_to_text"]["recall@10"] >= results["map"]["image_to_text"]["recall@1"] > 0.3
     with pytest.raises(ValueError, match="'image_captions'"):
         retrieval_report(img, txt, captions.clamp_max(M - 2) + 1 + (captions == M - 1) * M, scale)
+    # Another method's name keys the same results.
+    renamed, _ = retrieval_report(img, txt, captions, scale, n_bins=4, method="probvlm")
+    assert renamed == {"map": results["map"], "probvlm": results["bayesvlm"]}
+    with pytest.raises(ValueError, match="'method'"):
+        retrieval_report(img, txt, captions, scale, method="map")

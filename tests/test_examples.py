@@ -22,22 +22,27 @@ def test_demo_prints_and_writes_its_results(tmp_path):
     out = run("-m", "bayesvlm_ext.demo", "--out", str(tmp_path))
     results = json.load(open(tmp_path / "results.json"))
     for domain in ("in_domain", "shifted"):
-        for method in ("map", "bayesvlm_probit", "bayesvlm_mc"):
+        for method in ("map", "bayesvlm_probit", "bayesvlm_mc", "probvlm"):
             values = results["zero_shot"][domain][method]
             assert set(values) == {"acc", "nlpd", "ece"}
             assert f"{domain:<10} {method:<18} {values['acc']:>8.4f} {values['nlpd']:>8.4f}" in out  # table = file
             assert 0 <= values["acc"] <= 1 and values["nlpd"] > 0 and 0 <= values["ece"] <= 1
     # The default model has learnt the task: far above chance (1/6) in domain.
     assert results["zero_shot"]["in_domain"]["map"]["acc"] > 0.6
-    for method in ("map", "bayesvlm"):
+    for method in ("map", "bayesvlm", "probvlm"):
         for direction in ("image_to_text", "text_to_image"):
             values = results["retrieval"][method][direction]
-            expected = {"recall@1", "recall@5", "recall@10"} | ({"spearman"} if method == "bayesvlm" else set())
+            expected = {"recall@1", "recall@5", "recall@10"} | ({"spearman"} if method != "map" else set())
             assert set(values) == expected
             assert f"{direction:<14} {method:<9} {values['recall@1']:>7.4f} {values['recall@5']:>7.4f}" in out
             assert 0 <= values["recall@1"] <= values["recall@5"] <= values["recall@10"] <= 1
-            if method == "bayesvlm":
+            if method != "map":
                 assert -1 <= values["spearman"] <= 1
+                bins = results["uncertainty_bins"][method][direction]["recall@1"]
+                assert len(bins) == 10 and all(0 <= r <= 1 for r in bins)
+    # The adapters learnt something, and the demo reports which part of ProbVLM's uncertainty ranks queries.
+    assert results["probvlm"]["best_val_loss"] < results["probvlm"]["first_val_loss"]
+    assert set(results["probvlm"]["spearman_by_part"]) == {"total", "aleatoric", "epistemic"}
     curves = results["active_learning"]
     assert set(curves) == {"epig", "bald", "entropy", "random"}
     for method, curve in curves.items():
@@ -49,7 +54,7 @@ def test_demo_prints_and_writes_its_results(tmp_path):
     for name in ("reliability.png", "uncertainty_recall.png", "active_learning.png"):
         with open(tmp_path / name, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert {"default_model", "fit_posterior", "zero_shot", "retrieval", "active_learning", "plots",
+    assert {"default_model", "fit_posterior", "probvlm_fit", "zero_shot", "retrieval", "active_learning", "plots",
             "total"} <= set(results["timings"])
 
 
