@@ -35,6 +35,6 @@ __all__ = [
     "acquisition_scores", "Acquisition", "JointSamples", "select", "Selection", "nearest_neighbours", "Metric",
     "update_posterior", "label_curvature",
     # modules and build
-    "active", "ops", "probvlm", "reference", "evaluation", "capture", "shapes", "default_model", "backend", "build_info",
-    "has_extension", "__version__",
+    "active", "ops", "probvlm", "reference", "evaluation", "capture", "shapes", "default_model", "backend",
+    "build_info", "has_extension", "__version__",
 ]

@@ -51,8 +51,8 @@ from .fit import TOWERS, ClassBatchSampler, fit_factors
 from .index import DEFAULT_SHARD_ROWS, IndexWriter, RetrievalIndex, open_index, open_safetensors, posterior_summary, \
     search
 from .posterior import KronPosterior
-from .probvlm import (DEFAULT_DEPTH, DEFAULT_DROPOUT, DEFAULT_HIDDEN, DEFAULT_LR, DEFAULT_MC_SAMPLES, MeanSource, ProbVLM,
-                      ProbVLMAdapter, Uncertainty, train_probvlm)
+from .probvlm import (DEFAULT_DEPTH, DEFAULT_DROPOUT, DEFAULT_EMBED_OPTIONS, DEFAULT_HIDDEN, DEFAULT_LR, LossWeights,
+                      MeanSource, ProbVLM, ProbVLMAdapter, Uncertainty, train_probvlm)
 from .retrieval import Score, merge_topk
 
 PUBLISHED_TOWER = {"image": "img", "text": "txt"}
@@ -426,8 +426,7 @@ def _index(args: argparse.Namespace, rank: int, world: int, device: torch.device
         gallery_posterior, query_posterior, where = _load_models(args, args.tower)
         embed_options = None
         if args.adapter is not None:
-            embed_options = {"uncertainty": args.uncertainty, "num_samples": args.mc_samples, "seed": args.mc_seed,
-                             "mean": args.mean}
+            embed_options = {option: getattr(args, name) for name, option in _EMBED_OPTION_NAMES.items()}
         if args.features is not None:
             source = _FeatureFile(args.features, "--features")
             option, ids, logit_scale, logit_bias = "--features", source.ids, args.logit_scale, args.logit_bias
@@ -560,8 +559,7 @@ def _retrieve(args: argparse.Namespace, rank: int, world: int, device: torch.dev
         embed_options = None
         if args.adapter is not None:  # the queries are embedded as the index's gallery was
             stored = index.posteriors.get("query") or index.posteriors.get("gallery") or {}
-            embed_options = {key: stored[key] for key in ("uncertainty", "num_samples", "seed", "mean")
-                             if key in stored}
+            embed_options = {key: stored[key] for key in DEFAULT_EMBED_OPTIONS if key in stored}
         _check_index_matches(index, gallery_posterior, query_posterior, where, embed_options)
         queries = _FeatureFile(args.queries, "--queries")
         if queries.width != query_posterior.in_features:
@@ -655,8 +653,6 @@ def _gather_topk(result, counts: list[int], k: int, rank: int, world: int):
 # ---- probvlm-train ---------------------------------------------------------------------------------------
 
 def probvlm_train_command(args: argparse.Namespace) -> int:
-    from .probvlm import LossWeights
-
     try:
         tensors = _embedding_pairs(args.embeddings)
         weights = LossWeights(args.l1_weight, args.nll_weight, args.cross_weight)
@@ -722,6 +718,22 @@ def _embedding_pairs(path: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# `index` options for --adapter only (ProbVLMAdapter.embed's arguments); None when not given.
+_ADAPTER_OPTIONS = {
+    "--uncertainty": dict(choices=[u.value for u in Uncertainty], default=None,
+                          help="with --adapter: aleatoric, epistemic (MC dropout) or total (default "
+                               f"{DEFAULT_EMBED_OPTIONS['uncertainty']})"),
+    "--mc-samples": dict(type=int, default=None, help="with --adapter: Monte Carlo dropout passes (default "
+                                                      f"{DEFAULT_EMBED_OPTIONS['num_samples']})"),
+    "--mc-seed": dict(type=int, default=None,
+                      help=f"with --adapter: seed of the dropout masks (default {DEFAULT_EMBED_OPTIONS['seed']})"),
+    "--mean": dict(choices=[m.value for m in MeanSource], default=None,
+                   help="with --adapter: the embedding itself (input) or the adapter's mu as the mean (default "
+                        f"{DEFAULT_EMBED_OPTIONS['mean']})"),
+}
+_EMBED_OPTION_NAMES = {"uncertainty": "uncertainty", "mc_samples": "num_samples", "mc_seed": "seed", "mean": "mean"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bayesvlm-ext", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -767,13 +779,8 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--device", default="cpu", help="device of the model's forward with --images")
     index.add_argument("--seed", type=int, default=0,
                        help="seeds the random initialisation when there is no --pretrained")
-    index.add_argument("--uncertainty", choices=[u.value for u in Uncertainty], default="total",
-                       help="with --adapter: aleatoric, epistemic (MC dropout) or both")
-    index.add_argument("--mc-samples", type=int, default=DEFAULT_MC_SAMPLES,
-                       help="with --adapter: Monte Carlo dropout passes")
-    index.add_argument("--mc-seed", type=int, default=0, help="with --adapter: seed of the dropout masks")
-    index.add_argument("--mean", choices=[m.value for m in MeanSource], default="input",
-                       help="with --adapter: the embedding itself (input) or the adapter's mu as the mean")
+    for option, value in _ADAPTER_OPTIONS.items():
+        index.add_argument(option, **value)
     index.add_argument("--quiet", action="store_true", help="no progress bar")
 
     retrieve = commands.add_parser("retrieve", help="top-k of an index for query features, as JSONL")
@@ -845,8 +852,15 @@ def _checked_index_args(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     _check_model_directory(parser, args)
-    if args.adapter is not None and args.mc_samples < 2:
-        parser.error(f"--mc-samples must be at least 2, got {args.mc_samples}")
+    given = [option for option in _ADAPTER_OPTIONS if getattr(args, option[2:].replace("-", "_")) is not None]
+    if args.adapter is None and given:
+        parser.error(f"{', '.join(given)} apply to --adapter only (a posterior's embeddings have no such options)")
+    if args.adapter is not None:
+        for name, option in _EMBED_OPTION_NAMES.items():
+            if getattr(args, name) is None:
+                setattr(args, name, DEFAULT_EMBED_OPTIONS[option])
+        if args.mc_samples < 2:
+            parser.error(f"--mc-samples must be at least 2, got {args.mc_samples}")
     if args.features is not None and not os.path.isfile(args.features):
         parser.error(f"--features {args.features}: no such file")
     if args.images is not None:

@@ -43,7 +43,6 @@ from bayesvlm_ext import (KronPosterior, ZeroShotClassifier, cosine_moments, def
                           reference, shapes)
 from bayesvlm_ext.capture import capture, find_projection
 from bayesvlm_ext.fit import unnormalised_encoder
-from bayesvlm_ext.probvlm import ProbVLM
 
 SEED = 0
 FIT_PAIRS = 8192  # in-domain pairs behind the curvature factors (one class batch)

@@ -41,7 +41,7 @@ from torch import Tensor
 from ._validation import accumulation_dtype, check_tensor, parse_enum
 from .distribution import CovarianceForm, EmbeddingDistribution
 from .posterior import KronPosterior
-from .probvlm import DEFAULT_MC_SAMPLES, MeanSource, ProbVLMAdapter, Uncertainty
+from .probvlm import DEFAULT_EMBED_OPTIONS, MeanSource, ProbVLMAdapter, Uncertainty
 from .retrieval import Score, merge_topk, topk
 
 __all__ = ["IndexWriter", "RetrievalIndex", "ShardInfo", "build_index", "save_index", "open_index", "search",
@@ -245,9 +245,8 @@ def posterior_summary(posterior: KronPosterior | ProbVLMAdapter, embed_options: 
 
 def _adapter_options(embed_options: dict | None) -> dict:
     """ProbVLMAdapter.embed's options, completed with its defaults and checked, as stored in index.json."""
-    options = {"uncertainty": "total", "num_samples": DEFAULT_MC_SAMPLES, "seed": 0, "mean": "input",
-               **(embed_options or {})}
-    unknown = sorted(set(options) - {"uncertainty", "num_samples", "seed", "mean"})
+    options = {**DEFAULT_EMBED_OPTIONS, **(embed_options or {})}
+    unknown = sorted(set(options) - set(DEFAULT_EMBED_OPTIONS))
     if unknown:
         raise ValueError(f"argument 'embed_options' takes uncertainty, num_samples, seed and mean, got {unknown}")
     options["uncertainty"] = parse_enum("embed_options['uncertainty']", options["uncertainty"], Uncertainty).value

@@ -54,6 +54,8 @@ DEFAULT_HIDDEN, DEFAULT_DEPTH, DEFAULT_DROPOUT, DEFAULT_LR = 256, 1, 0.05, 8e-5
 # makes Gamma(3/beta) / Gamma(1/beta) explode (1e9 at 0.2), above 10 the density is already a box.
 DEFAULT_ALPHA_RANGE, DEFAULT_BETA_RANGE = (1e-4, 1e2), (0.5, 10.0)
 DEFAULT_MC_SAMPLES = 32
+# ProbVLMAdapter.embed's defaults (also those of an index built with an adapter, and of the command line).
+DEFAULT_EMBED_OPTIONS = {"uncertainty": "total", "num_samples": DEFAULT_MC_SAMPLES, "seed": 0, "mean": "input"}
 
 
 class Uncertainty(str, Enum):
@@ -216,10 +218,10 @@ class ProbVLMAdapter(nn.Module):
     def embed(
         self,
         x: Tensor,  # [N, D] frozen embeddings (as the adapter was trained on them)
-        uncertainty: str | Uncertainty = "total",
-        num_samples: int = DEFAULT_MC_SAMPLES,  # Monte Carlo dropout passes ("epistemic", "total")
-        seed: int = 0,  # of the dropout masks
-        mean: str | MeanSource = "input",
+        uncertainty: str | Uncertainty = DEFAULT_EMBED_OPTIONS["uncertainty"],
+        num_samples: int = DEFAULT_EMBED_OPTIONS["num_samples"],  # Monte Carlo dropout passes (epistemic, total)
+        seed: int = DEFAULT_EMBED_OPTIONS["seed"],  # of the dropout masks
+        mean: str | MeanSource = DEFAULT_EMBED_OPTIONS["mean"],
     ) -> EmbeddingDistribution:  # diag form: mean [N, D], variances [N, D]
         """The embeddings as Gaussians with per-dimension variances (see the module docstring).
 

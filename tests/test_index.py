@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from testing import devices, spd
+from testing import command_fails, devices, spd
 
 from bayesvlm_ext import EmbeddingDistribution, KronPosterior, build_index, merge_topk, open_index, ops, save_index, \
     search, topk
@@ -391,14 +391,7 @@ def test_command_errors(generator, tmp_path, capsys):
     base = ["index", "--posterior", fit, "--tower", "image", "--out", index, "--quiet"]
 
     def fails(argv, message, status=1):
-        if status == 2:  # argparse: exits naming the argument
-            with pytest.raises(SystemExit) as raised:
-                main(argv)
-            assert raised.value.code == 2
-        else:
-            assert main(argv) == status
-        err = capsys.readouterr().err
-        assert message in err, err
+        command_fails(main, capsys, argv, message, status)
 
     fails([*base, "--features", str(tmp_path / "absent.safetensors")], "--features", status=2)
     fails([*base, "--features", str(tmp_path / "gallery.safetensors"), "--shard-rows", "0"], "--shard-rows", status=2)

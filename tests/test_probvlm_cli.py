@@ -7,9 +7,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bayesvlm_ext import EmbeddingDistribution, ProbVLM, open_index, save_index, search, topk
+from bayesvlm_ext import (EmbeddingDistribution, KronPosterior, LossWeights, ProbVLM, build_index, open_index,
+                          save_index, search, topk, train_probvlm)
 from bayesvlm_ext.cli import main
 from test_probvlm import paired_embeddings
+from testing import command_fails
 
 D = 12
 LOGIT_SCALE = 2.5
@@ -39,8 +41,6 @@ def test_train_command_writes_a_loadable_adapter_and_its_history(tmp_path, capsy
     model = ProbVLM.load(out)
     assert model.config["hidden"] == 16 and model.config["dropout"] == 0.2
     # The same run in Python gives the same weights.
-    from bayesvlm_ext import LossWeights, train_probvlm
-
     image, text = paired_embeddings(120, D)
     expected, _ = train_probvlm(image, text, hidden=16, epochs=3, lr=3e-3, batch_size=32, dropout=0.2,
                                 weights=LossWeights(), progress=False)
@@ -124,14 +124,7 @@ def test_adapter_command_errors(tmp_path, capsys):
     capsys.readouterr()
 
     def fails(argv, message, status=1):
-        if status == 2:
-            with pytest.raises(SystemExit) as raised:
-                main(argv)
-            assert raised.value.code == 2
-        else:
-            assert main(argv) == status
-        err = capsys.readouterr().err
-        assert message in err, err
+        command_fails(main, capsys, argv, message, status)
 
     index = str(tmp_path / "index")
     base = ["index", "--adapter", out, "--tower", "image", "--out", index, "--logit-scale", "1", "--quiet"]
@@ -144,6 +137,8 @@ def test_adapter_command_errors(tmp_path, capsys):
           "--adapter", status=2)
     fails(["index", "--adapter", str(tmp_path), "--tower", "image", "--out", index, "--features",
            str(tmp_path / "gallery.safetensors")], "missing file")
+    fails(["index", "--posterior", out, "--tower", "image", "--out", index, "--features",
+           str(tmp_path / "gallery.safetensors"), "--mc-seed", "3"], "--mc-seed apply to --adapter only", status=2)
     fails(["index", "--adapter", out, "--posterior", out, "--tower", "image", "--out", index, "--features",
            str(tmp_path / "gallery.safetensors")], "not allowed with argument", status=2)
     assert main([*base, "--features", str(tmp_path / "gallery.safetensors")]) == 0
@@ -176,3 +171,31 @@ def test_adapter_command_errors(tmp_path, capsys):
     fails([*train_base, "--embeddings", pairs, "--val-fraction", "1.5"], "--val-fraction", status=2)
     fails([*train_base, "--embeddings", pairs, "--dropout", "1"], "--dropout", status=2)
     fails([*train_base, "--embeddings", str(tmp_path / "absent.safetensors")], "--embeddings", status=2)
+
+
+def test_build_index_with_adapters_in_python(tmp_path):
+    model, _ = train_probvlm(*paired_embeddings(60, D), hidden=8, epochs=1, progress=False)
+    gallery = paired_embeddings(11, D, seed=2)[0]
+    options = {"uncertainty": "epistemic", "num_samples": 4, "seed": 7}
+    index = build_index(tmp_path / "built", model.image, gallery, model.text, embed_options=options, shard_rows=4,
+                        tower="image", logit_scale=LOGIT_SCALE)
+    expected = model.image.embed(gallery, **options)
+    stored = torch.cat([index.shard(n).variances for n in range(len(index.shards))])
+    torch.testing.assert_close(stored, expected.variances, rtol=1e-6, atol=0)
+    assert torch.equal(torch.cat([index.shard(n).mean for n in range(len(index.shards))]), gallery)
+    assert index.posteriors["gallery"] == {"method": "probvlm", **model.image.config, "fingerprint":
+                                           model.image.fingerprint(), "uncertainty": "epistemic", "num_samples": 4,
+                                           "seed": 7, "mean": "input"}
+    with pytest.raises(ValueError, match="takes uncertainty, num_samples, seed and mean"):
+        build_index(tmp_path / "bad", model.image, gallery, embed_options={"samples": 4})
+    with pytest.raises(ValueError, match="'embed_options\\['uncertainty'\\]' must be one of"):
+        build_index(tmp_path / "bad", model.image, gallery, embed_options={"uncertainty": "all"})
+    with pytest.raises(ValueError, match="'residual' has no meaning for a ProbVLM adapter"):
+        build_index(tmp_path / "bad", model.image, gallery, residual=gallery)
+    posterior = KronPosterior(torch.eye(3), torch.eye(D), torch.zeros(D, 3))
+    with pytest.raises(ValueError, match="'query_posterior' must be a ProbVLMAdapter"):
+        build_index(tmp_path / "bad", model.image, gallery, posterior)
+    with pytest.raises(ValueError, match="'embed_options' is for ProbVLM adapters"):
+        build_index(tmp_path / "bad", posterior, torch.zeros(2, 3), embed_options=options)
+    with pytest.raises(ValueError, match="must be a KronPosterior or a ProbVLMAdapter"):
+        build_index(tmp_path / "bad", "posterior", gallery)

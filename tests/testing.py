@@ -19,6 +19,20 @@ def spd(n: int, generator: torch.Generator, *, rank: int | None = None, dtype=to
     return (x.T @ x / rows).to(dtype)
 
 
+def command_fails(main, capsys, argv: list[str], message: str, status: int = 1) -> None:
+    """`main(argv)` fails with `status` (2: argparse exits naming the argument) and `message` on stderr."""
+    import pytest
+
+    if status == 2:
+        with pytest.raises(SystemExit) as raised:
+            main(argv)
+        assert raised.value.code == 2
+    else:
+        assert main(argv) == status
+    err = capsys.readouterr().err
+    assert message in err, err
+
+
 def tiny_hugging_face_configs() -> tuple[dict, dict]:
     """(vision, text) keyword configs of a tiny random-init Hugging Face CLIP / SigLIP: 30-pixel images
     in 6-pixel patches, 16-token texts over 99 ids (0 and 1 are the special tokens), width 32."""
