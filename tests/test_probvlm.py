@@ -351,3 +351,18 @@ def test_adapter_distributions_give_the_same_moments_through_fused_and_reference
     expected = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :5]
     assert torch.equal(indices.cpu(), expected)
     torch.testing.assert_close(top_mean, ref_mean.gather(1, indices), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("device", [d for d in devices if d.type == "cuda"], ids=str)
+def test_training_and_embedding_on_a_gpu(device):
+    image, text = paired_embeddings(200)
+    kwargs = dict(hidden=16, epochs=3, batch_size=32, lr=3e-3, progress=False, device=device)
+    first, h1 = train_probvlm(image, text, **kwargs)
+    second, h2 = train_probvlm(image.to(device), text.to(device), **kwargs)
+    assert next(first.parameters()).device.type == "cuda" and h1.val_loss == h2.val_loss
+    for name, t in first.state_dict().items():
+        assert torch.equal(t, second.state_dict()[name]), name
+    # The same masks (drawn on the CPU) on either device: the GPU distribution matches the CPU one.
+    on_gpu = first.image.embed(image[:9].to(device))
+    on_cpu = copy.deepcopy(first).cpu().image.embed(image[:9])
+    torch.testing.assert_close(on_gpu.variances.cpu(), on_cpu.variances, rtol=1e-4, atol=1e-9)
