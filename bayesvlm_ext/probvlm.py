@@ -440,6 +440,9 @@ def train_probvlm(
         raise ValueError(f"argument 'lr' must be a positive finite number, got {lr!r}")
     if not isinstance(weights, LossWeights):
         raise ValueError(f"argument 'weights' must be a LossWeights, got {type(weights).__name__}")
+    if adapter_config is not None and not set(adapter_config) <= {"alpha_range", "beta_range"}:
+        raise ValueError(f"argument 'adapter_config' takes alpha_range and beta_range (hidden, depth and dropout are "
+                         f"arguments of their own), got {sorted(adapter_config)}")
     device = image.device if device is None else torch.device(device)
     dtype = accumulation_dtype(image.dtype)
     train_x, train_y, val_x, val_y = _split(image, text, val_image, val_text, val_fraction, seed)

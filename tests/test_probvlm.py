@@ -198,10 +198,15 @@ def test_resumed_training_ends_with_the_uninterrupted_weights(tmp_path):
         train_probvlm(image[1:], text[1:], epochs=6, checkpoint=path, **kwargs)
 
 
-def test_float64_embeddings_train_a_float64_model():
+def test_float64_embeddings_train_a_float64_model_with_its_ranges():
     image, text = paired_embeddings(40, dtype=torch.float64)
-    model, _ = train_probvlm(image, text, hidden=8, epochs=1, progress=False)
+    model, _ = train_probvlm(image, text, hidden=8, epochs=1, progress=False,
+                             adapter_config={"beta_range": (1.0, 3.0)})
     assert all(t.dtype == torch.float64 for t in model.parameters())
+    assert model.text.config["beta_range"] == [1.0, 3.0]
+    with torch.no_grad():
+        beta = model.text(text).beta
+    assert float(beta.min()) >= 1.0 and float(beta.max()) <= 3.0
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -211,6 +216,8 @@ def test_float64_embeddings_train_a_float64_model():
     (dict(image=torch.zeros(1, 12), text=torch.zeros(1, 12)), "too few"),
     (dict(image=torch.full((4, 12), float("nan"))), "'image' contains NaN"),
     (dict(weights=(1.0, 1.0, 1.0)), "'weights' must be a LossWeights"),
+    (dict(adapter_config={"hidden": 8}), "'adapter_config' takes alpha_range and beta_range"),
+    (dict(hidden=0), "'hidden' must be a positive int"),
 ])
 def test_training_arguments_are_checked(kwargs, match):
     image, text = paired_embeddings(4)
@@ -353,8 +360,9 @@ def test_adapter_distributions_give_the_same_moments_through_fused_and_reference
     torch.testing.assert_close(top_mean, ref_mean.gather(1, indices), rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("device", [d for d in devices if d.type == "cuda"], ids=str)
-def test_training_and_embedding_on_a_gpu(device):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_and_embedding_on_a_gpu():
+    device = torch.device("cuda")
     image, text = paired_embeddings(200)
     kwargs = dict(hidden=16, epochs=3, batch_size=32, lr=3e-3, progress=False, device=device)
     first, h1 = train_probvlm(image, text, **kwargs)
