@@ -368,20 +368,17 @@ def main(argv: list[str] | None = None) -> dict:
     texts = posteriors["text"].embed(phi_txt.float(), against=posteriors["image"])
     retrieval_results, bayesvlm_curves = evaluation.retrieval_report(images, texts, image_captions, logit_scale,
                                                                      ks=RETRIEVAL_KS, n_bins=UNCERTAINTY_BINS)
-    probvlm_results, probvlm_curves = evaluation.retrieval_report(
-        probvlm.image.embed(torch.nn.functional.normalize(images.mean, dim=1), PROBVLM_UNCERTAINTY),
-        probvlm.text.embed(torch.nn.functional.normalize(texts.mean, dim=1), PROBVLM_UNCERTAINTY), image_captions,
-        logit_scale, ks=RETRIEVAL_KS, n_bins=UNCERTAINTY_BINS, method="probvlm")
-    retrieval_results["probvlm"] = probvlm_results["probvlm"]
-    curves = {"bayesvlm": bayesvlm_curves, "probvlm": probvlm_curves}
-    # Which part of ProbVLM's uncertainty tells good queries from bad: Spearman of each part alone.
-    probvlm_parts = {PROBVLM_UNCERTAINTY: {d: v["spearman"] for d, v in probvlm_results["probvlm"].items()}}
-    for part in ("aleatoric", "epistemic"):
-        part_results, _ = evaluation.retrieval_report(
-            probvlm.image.embed(torch.nn.functional.normalize(images.mean, dim=1), part),
-            probvlm.text.embed(torch.nn.functional.normalize(texts.mean, dim=1), part), image_captions,
+    curves = {"bayesvlm": bayesvlm_curves}
+    # ProbVLM with its uncertainty as configured, then each part alone: which part tells good queries from bad.
+    unit_images, unit_texts = (torch.nn.functional.normalize(d.mean, dim=1) for d in (images, texts))
+    probvlm_parts = {}
+    for part in (PROBVLM_UNCERTAINTY, "aleatoric", "epistemic"):
+        part_results, part_curves = evaluation.retrieval_report(
+            probvlm.image.embed(unit_images, part), probvlm.text.embed(unit_texts, part), image_captions,
             logit_scale, ks=RETRIEVAL_KS, n_bins=UNCERTAINTY_BINS, method="probvlm")
         probvlm_parts[part] = {d: v["spearman"] for d, v in part_results["probvlm"].items()}
+        if part == PROBVLM_UNCERTAINTY:
+            retrieval_results["probvlm"], curves["probvlm"] = part_results["probvlm"], part_curves
     timings["retrieval"] = time.perf_counter() - start
     print(f"\nretrieval, {len(phi_img)} images (both domains) and their {len(captions)} distinct captions; "
           f"BayesVLM and ProbVLM rank by the probit match probability; Spearman: query uncertainty against "

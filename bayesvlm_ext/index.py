@@ -132,8 +132,8 @@ class IndexWriter:
         if dtype not in _DTYPE_NAMES:
             raise ValueError(f"argument 'dtype' must be torch.float32 or torch.float64, got {dtype}")
         embed, posteriors = _embedder(gallery_posterior, query_posterior, embed_options)
-        device = _model_device(gallery_posterior)
-        template = embed(torch.zeros(0, gallery_posterior.in_features, dtype=dtype, device=device), None)
+        template = embed(torch.zeros(0, gallery_posterior.in_features, dtype=dtype, device=gallery_posterior.device),
+                         None)
         writer = cls(directory, template, rows, posteriors=posteriors, **kwargs)
         writer._embed = embed
         return writer
@@ -283,10 +283,6 @@ def _embedder(gallery, query, embed_options):
     if query is not None:
         posteriors["query"] = posterior_summary(query, embed_options)
     return embed, posteriors
-
-
-def _model_device(model: KronPosterior | ProbVLMAdapter) -> torch.device:
-    return model.device if isinstance(model, KronPosterior) else model.trunk_in.weight.device
 
 
 def build_index(

@@ -180,6 +180,10 @@ class ProbVLMAdapter(nn.Module):
     def out_features(self) -> int:
         return self.dim
 
+    @property
+    def device(self) -> torch.device:
+        return self.trunk_in.weight.device
+
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.config.items())
 
@@ -303,7 +307,6 @@ class ProbVLM(nn.Module):
         save_file({n: t.detach().cpu().contiguous() for n, t in self.state_dict().items()},
                   os.path.join(path, TENSORS_FILE))
         config = {"format": SAVE_FORMAT, "version": SAVE_VERSION, "config": self.config,
-                  "dtype": str(self.image.trunk_in.weight.dtype).replace("torch.", ""),
                   "fingerprint": {tower: self.adapter(tower).fingerprint() for tower in TOWERS}}
         with open(os.path.join(path, CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=2)
