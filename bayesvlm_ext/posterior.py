@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from ._savedir import saved_files, write_saved
 from ._validation import (accumulation_dtype, check_finite, check_positive_scalar, check_same_device, check_shape,
                           check_symmetric_factor, check_tensor, parse_enum)
 from .distribution import CovarianceForm, EmbeddingDistribution
@@ -360,29 +361,21 @@ class KronPosterior:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write `path/posterior.safetensors` (A, B, weight, bias in float64) and `path/posterior.json`."""
-        from safetensors.torch import save_file
-
-        os.makedirs(path, exist_ok=True)
         tensors = {"A": self.A, "B": self.B, "weight": self.weight}
         if self.bias is not None:
             tensors["bias"] = self.bias
-        save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, os.path.join(path, TENSORS_FILE))
         config = {"format": SAVE_FORMAT, "version": SAVE_VERSION, "prior_precision": self.prior_precision,
                   "pseudo_count": self.pseudo_count, "damping": self.damping.value, "in_features": self.in_features,
                   "out_features": self.out_features, "has_bias": self.bias is not None,
                   "factor_report": {n: asdict(r) for n, (_, _, r) in self._eig.items()}}
-        with open(os.path.join(path, CONFIG_FILE), "w") as f:
-            json.dump(config, f, indent=2)
+        write_saved(path, TENSORS_FILE, tensors, CONFIG_FILE, config)
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: torch.device | str = "cpu") -> "KronPosterior":
         """Read a posterior written by `save`; the result equals the saved one exactly."""
         from safetensors.torch import load_file
 
-        tensors_file, config_file = os.path.join(path, TENSORS_FILE), os.path.join(path, CONFIG_FILE)
-        for file in (tensors_file, config_file):
-            if not os.path.isfile(file):
-                raise FileNotFoundError(f"KronPosterior.load: missing file {file}")
+        tensors_file, config_file = saved_files(path, TENSORS_FILE, CONFIG_FILE, "KronPosterior.load")
         with open(config_file) as f:
             config = json.load(f)
         for key in ("format", "prior_precision", "pseudo_count", "damping", "has_bias"):

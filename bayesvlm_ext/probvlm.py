@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._savedir import saved_files, write_saved
 from ._validation import accumulation_dtype, check_finite, check_tensor, parse_enum
 from .distribution import EmbeddingDistribution
 
@@ -301,25 +302,16 @@ class ProbVLM(nn.Module):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write `path/probvlm.safetensors` (the parameters) and `path/probvlm.json` (the configuration)."""
-        from safetensors.torch import save_file
-
-        os.makedirs(path, exist_ok=True)
-        save_file({n: t.detach().cpu().contiguous() for n, t in self.state_dict().items()},
-                  os.path.join(path, TENSORS_FILE))
         config = {"format": SAVE_FORMAT, "version": SAVE_VERSION, "config": self.config,
                   "fingerprint": {tower: self.adapter(tower).fingerprint() for tower in TOWERS}}
-        with open(os.path.join(path, CONFIG_FILE), "w") as f:
-            json.dump(config, f, indent=2)
+        write_saved(path, TENSORS_FILE, self.state_dict(), CONFIG_FILE, config)
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: torch.device | str = "cpu") -> "ProbVLM":
         """Read a model written by `save`; its parameters equal the saved ones bit for bit."""
         from safetensors.torch import load_file
 
-        tensors_file, config_file = os.path.join(path, TENSORS_FILE), os.path.join(path, CONFIG_FILE)
-        for file in (tensors_file, config_file):
-            if not os.path.isfile(file):
-                raise FileNotFoundError(f"ProbVLM.load: missing file {file}")
+        tensors_file, config_file = saved_files(path, TENSORS_FILE, CONFIG_FILE, "ProbVLM.load")
         try:
             with open(config_file) as f:
                 saved = json.load(f)
