@@ -28,6 +28,8 @@ __all__ = [
     # embeddings, moments, prediction, retrieval, zero-shot
     "EmbeddingDistribution", "CovarianceForm", "cosine_moments", "Variant", "MomentsOutput", "predictive", "Link",
     "accuracy", "nlpd", "ece", "reliability", "topk", "Score", "ZeroShotClassifier", "template_average",
+    # persistent retrieval index
+    "build_index", "open_index", "search", "save_index", "IndexWriter", "RetrievalIndex", "merge_topk",
     # ProbVLM, the second method (SPEC 9)
     "ProbVLM", "ProbVLMAdapter", "GGDParams", "LossWeights", "TrainingHistory", "ggd_nll", "ggd_variance",
     "train_probvlm",

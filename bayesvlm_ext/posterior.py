@@ -160,7 +160,6 @@ class KronPosterior:
         if key not in self._derived:
             qa, qb = self._factor_eig("A")[1], self._factor_eig("B")[1]
             da, db = self._damped_eigenvalues(self.prior_precision)
-            P = self.in_features
             t = {"weight": self.weight, "basis_B": qb}
             if self.bias is not None:
                 t["bias"] = self.bias
@@ -313,7 +312,7 @@ class KronPosterior:
         p = self.A.shape[0]
         if delta.shape[0] != self.out_features or delta.shape[1] not in (self.in_features, p):
             raise ValueError(f"argument 'delta' must be [D, P] = [{self.out_features}, {self.in_features}]"
-                             + (f" or [D, P + 1] with the bias column" if p != self.in_features else "")
+                             + (" or [D, P + 1] with the bias column" if p != self.in_features else "")
                              + f", got {tuple(delta.shape)}")
         if delta.device != self.device:
             raise ValueError(f"argument 'delta' must be on the posterior's device {self.device}, got {delta.device}")
