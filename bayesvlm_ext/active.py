@@ -159,7 +159,8 @@ def acquisition_scores(
     pool_residual: Tensor | None = None,  # [N, D] image residual of the pool (SigLIP)
     target_residual: Tensor | None = None,  # [M, D] image residual of the targets
     generator: torch.Generator | None = None,  # seeds "random"
-    chunk_size: int | None = None,  # pool rows per chunk; None: from a memory budget
+    chunk_size: int | None = None,  # pool rows per chunk; None: from a memory budget (scores may differ in
+    # the last bits between chunk sizes, where BLAS rounds a GEMM row by the row count, as MKL on AVX-512)
 ) -> Tensor:  # [N] float64, higher = more worth labelling
     """Acquisition scores of every pool image (SPEC.md section 8); see the module docstring for each.
 
