@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import reference
 from ._extension import backend, has_extension
-from ._validation import accumulation_dtype, check_tensor
+from ._validation import accumulation_dtype, check_finite_scalar, check_tensor
 
 __all__ = ["kron_quadform", "item_stats", "item_stats_exact", "pairwise_moments", "topk_moments"]
 
@@ -133,6 +133,12 @@ def _check_pairwise(x, y, x_stats, y_stats, x_var, y_var) -> None:
         _check_acc("y_var", y_var, acc, x.device, (y.shape[0], x_var.shape[1]), " (K of x_var)")
 
 
+def _pairwise_scalars(scale, bias, trace_cross) -> tuple[float, float, float]:
+    """The scalar arguments of the pairwise ops, each finite (NaN or Inf there is a caller's mistake, not data)."""
+    return (check_finite_scalar("scale", scale), check_finite_scalar("bias", bias),
+            check_finite_scalar("trace_cross", trace_cross))
+
+
 def pairwise_moments(
     x: Tensor,  # [N, D] float16, bfloat16, float32 or float64; any strides
     y: Tensor,  # [M, D] x's dtype
@@ -149,7 +155,7 @@ def pairwise_moments(
     _check_pairwise(x, y, x_stats, y_stats, x_var, y_var)
     if output not in (0, 1, 2):
         raise ValueError(f"argument 'output' must be 0 (mean), 1 (probit logit) or 2 (sigmoid probit), got {output!r}")
-    args = (x, y, x_stats, y_stats, x_var, y_var, float(scale), float(bias), float(trace_cross), int(output))
+    args = (x, y, x_stats, y_stats, x_var, y_var, *_pairwise_scalars(scale, bias, trace_cross), int(output))
     if _compiled("pairwise_moments", x.device, x, y, x_stats, y_stats, x_var, y_var):
         return torch.ops.bayesvlm_ext.pairwise_moments(*args)
     return reference.pairwise_moments(*args)
@@ -175,8 +181,8 @@ def topk_moments(
         raise ValueError(f"argument 'k' must be an int in [0, M] = [0, {y.shape[0]}], got {k!r}")
     if score not in (0, 1, 2, 3):
         raise ValueError(f"argument 'score' must be 0, 1, 2 or 3, got {score!r}")
-    args = (x, y, x_stats, y_stats, x_var, y_var, float(scale), float(bias), float(trace_cross), k, int(score),
-            float(kappa))
+    args = (x, y, x_stats, y_stats, x_var, y_var, *_pairwise_scalars(scale, bias, trace_cross), k, int(score),
+            check_finite_scalar("kappa", kappa))
     with torch.no_grad():
         if _compiled("topk_moments", x.device):
             return torch.ops.bayesvlm_ext.topk_moments(*args)

@@ -19,7 +19,7 @@ from torch import Tensor
 from ._validation import accumulation_dtype
 
 __all__ = ["kron_quadform", "embedding_variance_diag", "cosine_moments_diag", "item_stats", "item_stats_exact",
-           "pairwise_moments", "topk_moments", "kfac_factors_per_sample"]
+           "pairwise_moments", "topk_order", "topk_moments", "kfac_factors_per_sample"]
 
 PI_OVER_8 = math.pi / 8
 STAT_COLUMNS = ("inv_norm", "alpha", "quad")  # the [rows, 3] per-item stats of the pairwise ops
@@ -150,6 +150,19 @@ def topk_scores(mean: Tensor, var: Tensor, score: int, kappa: float) -> Tensor:
     return mean / torch.sqrt(1 + PI_OVER_8 * var)
 
 
+def topk_order(
+    key: Tensor,  # [N, C] ranking keys
+) -> Tensor:  # [N, C] int64: per row, the columns from best to worst
+    """The top-k order of SPEC.md sections 7 and 12, as every backend ranks: key descending, a NaN key
+    after every other key (-inf included), equal keys by the lower column. torch.sort alone would put
+    NaN first. Two stable sorts: by key with NaN as -inf (+0 turns -0 into 0, which a radix sort would
+    order apart), then the NaN columns to the back."""
+    nan = key.isnan()
+    by_key = torch.sort(key.masked_fill(nan, -math.inf) + 0.0, dim=1, descending=True, stable=True).indices
+    nan_back = torch.sort(nan.gather(1, by_key).to(torch.uint8), dim=1, stable=True).indices
+    return by_key.gather(1, nan_back)
+
+
 def topk_moments(
     x: Tensor,  # [N, D] queries
     y: Tensor,  # [M, D] gallery, x's dtype
@@ -169,7 +182,7 @@ def topk_moments(
 
     Values are the scores, except for score 3 ("probit"), ranked by the probit logit t and returned
     as sigmoid(t). Each chunk's candidates are appended after the running ones (which all have lower
-    indices) and a stable descending sort keeps the first k: exactly a stable sort of the dense scores.
+    indices) and `topk_order` keeps the first k: exactly that order of the dense scores (NaN last).
     """
     n = x.shape[0]
     dtype = x_stats.dtype
@@ -182,7 +195,7 @@ def topk_moments(
         key = topk_scores(mean, var, score, kappa)
         index = torch.arange(g0, g0 + mean.shape[1], device=x.device).expand(n, -1)
         merged = [torch.cat([b, c], dim=1) for b, c in zip(best, (key, index, mean, var))]
-        order = torch.sort(merged[0], dim=1, descending=True, stable=True).indices[:, :k]
+        order = topk_order(merged[0])[:, :k]
         best = [t.gather(1, order) for t in merged]
     key, index, mean, var = (t[:, :k] for t in best)
     values = torch.sigmoid(key) if score == 3 else key

@@ -9,7 +9,7 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from . import ops
+from . import ops, reference
 from ._validation import check_finite_scalar, parse_enum
 from .distribution import EmbeddingDistribution
 from .moments import Variant, _logit_params, pairwise_inputs
@@ -78,13 +78,13 @@ def merge_topk(
     whenever the two calls score each (query, item) pair to the same bits. Merging is associative:
     any grouping of the parts gives the same result.
 
-    The ranking key is the one the compiled kernel compares. For "mean", "pessimistic" and
-    "optimistic" that is the value itself. For "probit" the values are sigmoid(t) and the key is t,
-    which is not returned; recomputing t in PyTorch would differ from the kernel's t in the last bit
-    (it contracts to a fused multiply-add) and reorder near-ties, so the candidates are ranked by the
-    kernel itself: a query row holding the candidates' means and variances against a gallery of unit
-    vectors reproduces each (mean, var) exactly and the kernel's own score of it. O(N C^2) for C
-    candidates, done in steps of at most k + k_i columns.
+    The ranking key is the one the compiled kernel compares, in the kernel's order (NaN keys last,
+    SPEC.md section 12). For "mean", "pessimistic" and "optimistic" that is the value itself. For
+    "probit" the values are sigmoid(t) and the key is t, which is not returned; recomputing t in
+    PyTorch would differ from the kernel's t in the last bit (it contracts to a fused multiply-add) and
+    reorder near-ties, so the kernel recomputes it: `pairwise_moments` with D = 1, each candidate's mean
+    and variance against the unit 1, reproduces each (mean, var) exactly and gives the kernel's own
+    probit logit of it. O(N C) for C candidates, done in steps of at most k + k_i columns.
     """
     if isinstance(k, bool) or not isinstance(k, int):
         raise ValueError(f"argument 'k' must be an int, got {k!r}")
@@ -97,13 +97,13 @@ def merge_topk(
     with torch.no_grad():
         if score is not Score.PROBIT:
             merged = _by_index([torch.cat(column, dim=1) for column in zip(*parts)])
-            chosen = torch.sort(merged[0], dim=1, descending=True, stable=True).indices[:, :k]
+            chosen = reference.topk_order(merged[0])[:, :k]
             return tuple(t.gather(1, chosen) for t in merged)
         best = _by_index(list(parts[0]))
-        best = _probit_best(best, min(k, best[0].shape[1]), kappa)
+        best = _probit_best(best, min(k, best[0].shape[1]))
         for part in parts[1:]:
             merged = _by_index([torch.cat(pair, dim=1) for pair in zip(best, part)])
-            best = _probit_best(merged, min(k, merged[0].shape[1]), kappa)
+            best = _probit_best(merged, min(k, merged[0].shape[1]))
         return best
 
 
@@ -146,22 +146,22 @@ def _by_index(columns: list[Tensor]) -> list[Tensor]:  # values, indices, mean, 
     return columns
 
 
-def _probit_best(columns: list[Tensor], k: int, kappa: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _probit_best(columns: list[Tensor], k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The k best candidates by the kernel's probit logit; `columns` sorted by index within each row."""
     values, indices, mean, var = columns
     n, c = mean.shape
     if n == 0 or c == 0 or k == 0:
         return tuple(t[:, :k] for t in columns)
-    # Query i reads mean[i] and var[i] as its embedding and variance features; gallery item j is the
-    # unit vector e_j on both. Every dot product then has one non-zero term and every factor is 1, so
-    # the kernel sees each candidate's (mean, var) unchanged and ranks columns by its own t, ties by
-    # column, which is gallery index order here.
-    eye = torch.eye(c, dtype=mean.dtype, device=mean.device)
-    unit = mean.new_tensor([1.0, 0.0, 0.0])  # inverse norm 1, alpha and quad unused with variance features
+    # Every (query, candidate) becomes one row of D = 1: x = mean, var feature = var, against y = 1 with
+    # var feature 1 and unit stats, so the kernel's mean and variance are the candidate's own (a sum of
+    # one product with 1) and its probit output is the key its top-k compared. One row per candidate
+    # keeps a NaN or Inf of one candidate out of the others' keys.
+    one = mean.new_ones(1, 1)
+    unit = mean.new_tensor([[1.0, 0.0, 0.0]])  # inverse norm 1; alpha and quad unused with variance features
     with _ieee_fp32_matmul(mean.device):
-        chosen = ops.topk_moments(mean.contiguous(), eye, unit.expand(n, 3).contiguous(),
-                                  unit.expand(c, 3).contiguous(), var.contiguous(), eye, 1.0, 0.0, 0.0, k,
-                                  _SCORE_CODE[Score.PROBIT], kappa)[1]
+        keys = ops.pairwise_moments(mean.reshape(-1, 1), one, unit.expand(n * c, 3).contiguous(), unit,
+                                    var.reshape(-1, 1).contiguous(), one, 1.0, 0.0, 0.0, 1)[0]
+    chosen = reference.topk_order(keys.reshape(n, c))[:, :k]
     # The original tensors, gathered, keep every bit (a -0.0 mean included) whatever the kernel wrote.
     return tuple(t.gather(1, chosen) for t in columns)
 

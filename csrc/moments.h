@@ -154,6 +154,13 @@ inline PairwiseParams make_pairwise_params(const at::Tensor& x, const at::Tensor
   return p;
 }
 
+// The scalars of the pairwise ops are arguments, not data: a NaN or infinite one is a caller's mistake.
+inline void check_pairwise_scalars(const char* op, double scale, double bias, double trace_cross) {
+  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": argument 'scale' must be finite, got ", scale);
+  TORCH_CHECK_VALUE(std::isfinite(bias), op, ": argument 'bias' must be finite, got ", bias);
+  TORCH_CHECK_VALUE(std::isfinite(trace_cross), op, ": argument 'trace_cross' must be finite, got ", trace_cross);
+}
+
 inline void check_moments_output(int64_t output) {
   TORCH_CHECK_VALUE(output >= 0 && output <= 2,
                     "pairwise_moments: argument 'output' must be 0 (mean), 1 (probit logit) or 2 "

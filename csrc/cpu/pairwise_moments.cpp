@@ -158,6 +158,7 @@ std::tuple<at::Tensor, at::Tensor> pairwise_moments_cpu(const at::Tensor& x, con
                                                        const std::optional<at::Tensor>& y_var, double scale,
                                                        double bias, double trace_cross, int64_t output) {
   check_pairwise_inputs("pairwise_moments", x, y, x_stats, y_stats, x_var, y_var);
+  check_pairwise_scalars("pairwise_moments", scale, bias, trace_cross);
   check_moments_output(output);
   const auto acc = moments_acc_dtype(x.scalar_type());
   const int64_t n = x.size(0), m = y.size(0);
@@ -204,8 +205,15 @@ std::tuple<at::Tensor, at::Tensor> pairwise_moments_cpu(const at::Tensor& x, con
 
 // ---- streaming top-k ------------------------------------------------------------------------------
 
-// The k best (score, index) of one query so far, sorted by score descending, ties by lower index.
-// Items arrive in increasing index order within a task, so a newcomer equal to an entry ranks after it.
+// The top-k order of SPEC.md section 12: a NaN score ranks after every other score (-inf included),
+// so the order is total and a query always gets k rows; callers break ties by the lower index.
+template <typename acc_t>
+inline bool scores_before(acc_t a, acc_t b) {
+  return !std::isnan(a) && (std::isnan(b) || a > b);
+}
+
+// The k best (score, index) of one query so far, sorted by scores_before, ties by lower index. Items
+// arrive in increasing index order within a task, so a newcomer equal to an entry ranks after it.
 template <typename acc_t>
 struct TopkList {
   acc_t* value;
@@ -214,12 +222,15 @@ struct TopkList {
   acc_t* var;
   int64_t k;
   int64_t count = 0;
+  // Scores above `threshold` enter; while `open` (list not full, or its last entry NaN) every item is
+  // offered and `offer` decides, so NaN and -inf scores still fill a list that has room.
+  acc_t threshold = -std::numeric_limits<acc_t>::infinity();
+  bool open = true;
 
-  acc_t threshold() const { return count < k ? -std::numeric_limits<acc_t>::infinity() : value[k - 1]; }
-
-  void insert(acc_t v, int64_t idx, acc_t mu, acc_t sigma2) {
+  void offer(acc_t v, int64_t idx, acc_t mu, acc_t sigma2) {
+    if (count == k && !scores_before(v, value[k - 1])) return;
     int64_t pos = count < k ? count++ : k - 1;  // the slot freed at the end
-    while (pos > 0 && value[pos - 1] < v) {
+    while (pos > 0 && scores_before(v, value[pos - 1])) {
       value[pos] = value[pos - 1];
       index[pos] = index[pos - 1];
       mean[pos] = mean[pos - 1];
@@ -230,6 +241,8 @@ struct TopkList {
     index[pos] = idx;
     mean[pos] = mu;
     var[pos] = sigma2;
+    open = count < k || std::isnan(value[k - 1]);
+    threshold = open ? -std::numeric_limits<acc_t>::infinity() : value[k - 1];
   }
 };
 
@@ -278,6 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_moments_cpu(
     const std::optional<at::Tensor>& x_var, const std::optional<at::Tensor>& y_var, double scale, double bias,
     double trace_cross, int64_t k, int64_t score, double kappa) {
   check_pairwise_inputs("topk_moments", x, y, x_stats, y_stats, x_var, y_var);
+  check_pairwise_scalars("topk_moments", scale, bias, trace_cross);
   check_topk_args(k, y.size(0), score, kappa);
   const auto acc = moments_acc_dtype(x.scalar_type());
   const int64_t n = x.size(0), m = y.size(0);
@@ -347,12 +361,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_moments_cpu(
                                           static_cast<acc_t>(bias));
               score_row<acc_t, kScore>(row_score.data(), row_mean, row_v, cols, static_cast<acc_t>(kappa));
               TopkList<acc_t>& list = lists[r];
-              acc_t threshold = list.threshold();
               for (int64_t j = 0; j < cols; ++j) {
-                if (row_score[j] > threshold) {
-                  list.insert(row_score[j], g0 + j, row_mean[j], row_v[j]);
-                  threshold = list.threshold();
-                }
+                // A NaN fails the comparison: it enters only while the list is open.
+                if (row_score[j] > list.threshold || list.open) list.offer(row_score[j], g0 + j, row_mean[j], row_v[j]);
               }
             }
           }
@@ -361,7 +372,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_moments_cpu(
       });
 
       // Merge the segments' lists per query. Segments cover increasing index ranges, so a stable
-      // sort by score over the concatenation (segment order) keeps ties in index order.
+      // sort by scores_before over the concatenation (segment order) keeps ties in index order.
       const acc_t* cv = cand_value.const_data_ptr<acc_t>();
       const int64_t* ci = cand_index.const_data_ptr<int64_t>();
       const acc_t* cm = cand_mean.const_data_ptr<acc_t>();
@@ -377,7 +388,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_moments_cpu(
           for (int64_t s = 0; s < segments; ++s) {
             for (int64_t c = 0; c < cand_count[s * n + q]; ++c) order.push_back((s * n + q) * k + c);
           }
-          std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cv[a] > cv[b]; });
+          // Each segment holds min(k, its rows) candidates and the segments cover all M >= k rows.
+          TORCH_CHECK(static_cast<int64_t>(order.size()) >= k, "topk_moments: internal error, ", order.size(),
+                      " candidates for k = ", k);
+          std::stable_sort(order.begin(), order.end(),
+                           [&](int64_t a, int64_t b) { return scores_before(cv[a], cv[b]); });
           for (int64_t c = 0; c < k; ++c) {
             const int64_t src = order[c];
             const acc_t t = cv[src];

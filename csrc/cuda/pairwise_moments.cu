@@ -151,15 +151,19 @@ __device__ inline acc_t topk_key(int64_t score, acc_t kappa, acc_t mean, acc_t v
 }
 
 template <typename acc_t>
-__device__ inline acc_t negative_infinity() {
-  return -static_cast<acc_t>(INFINITY);  // numeric_limits would need --expt-relaxed-constexpr here
+__device__ inline acc_t quiet_nan() {
+  return static_cast<acc_t>(NAN);  // numeric_limits would need --expt-relaxed-constexpr here
 }
 
-// The top-k order: key descending, then index ascending. Index -1 marks padding; as unsigned it is
-// the largest index, so padding ranks after every real candidate of the same key.
+// The top-k order (SPEC.md section 12): key descending with NaN after every other key (-inf included),
+// then index ascending. Padding is (NaN, -1): as unsigned, -1 is the largest index, so padding ranks
+// after every real candidate, NaN ones included, and a query always gets k real rows.
 template <typename acc_t>
 __device__ inline bool ranks_before(acc_t key_a, int32_t index_a, acc_t key_b, int32_t index_b) {
-  return key_a > key_b || (key_a == key_b && static_cast<uint32_t>(index_a) < static_cast<uint32_t>(index_b));
+  const bool nan_a = isnan(key_a), nan_b = isnan(key_b);
+  const bool lower_index = static_cast<uint32_t>(index_a) < static_cast<uint32_t>(index_b);
+  if (nan_a || nan_b) return nan_b && (!nan_a || lower_index);
+  return key_a > key_b || (key_a == key_b && lower_index);
 }
 
 // ---- one fused tile --------------------------------------------------------------------------------
@@ -268,7 +272,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<MainMath>)
 
 // ---- topk_moments ----------------------------------------------------------------------------------------
 
-// Per-segment candidates, each [n, segments, k]: rows of k sorted entries, padded with (-inf, -1).
+// Per-segment candidates, each [n, segments, k]: rows of k sorted entries, padded with (NaN, -1).
 struct TopkScratch {
   void* key;
   int32_t* index;
@@ -371,7 +375,7 @@ __global__ void __launch_bounds__(kThreads) topk_segment_kernel(TopkParams param
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
     const RowList<acc_t> list = row_list(warp * kRowsPerWarp + rr);
     for (int q = lane; q < k; q += 32) {
-      list.key[q] = negative_infinity<acc_t>();
+      list.key[q] = quiet_nan<acc_t>();
       list.mean[q] = acc_t(0);
       list.var[q] = acc_t(0);
       list.index[q] = -1;
@@ -450,7 +454,7 @@ __global__ void __launch_bounds__(kThreads) topk_merge_kernel(TopkParams params,
   const auto load_head = [&](int t) {
     const int64_t s = lane + 32 * t;
     const bool real = s < segments && head[t] < k;
-    head_key[t] = real ? cand_key[s * k + head[t]] : negative_infinity<acc_t>();
+    head_key[t] = real ? cand_key[s * k + head[t]] : quiet_nan<acc_t>();
     head_index[t] = real ? cand_index[s * k + head[t]] : -1;
   };
 #pragma unroll
@@ -471,8 +475,8 @@ __global__ void __launch_bounds__(kThreads) topk_merge_kernel(TopkParams params,
       const acc_t o_key = __shfl_xor_sync(kFullMask, win_key, offset);
       const int32_t o_index = __shfl_xor_sync(kFullMask, win_index, offset);
       const int o_lane = __shfl_xor_sync(kFullMask, win_lane, offset);
-      if (ranks_before(o_key, o_index, win_key, win_index) ||
-          (o_key == win_key && o_index == win_index && o_lane < win_lane)) {
+      // Only padding heads share an index (-1); between them the lower lane wins, so all lanes agree.
+      if (ranks_before(o_key, o_index, win_key, win_index) || (o_index == win_index && o_lane < win_lane)) {
         win_key = o_key, win_index = o_index, win_lane = o_lane;
       }
     }
@@ -527,9 +531,13 @@ void dispatch_math(bool tf32, bool has_var, F&& f) {
   }
 }
 
+// Raises the kernel's dynamic shared-memory limit to the device's opt-in maximum. Always that one value,
+// whatever this launch needs: two host threads launching with different sizes would otherwise race
+// (one lowers the limit between the other's set and launch, which then fails).
 template <typename Kernel>
-void allow_dynamic_smem(Kernel kernel, size_t bytes) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+void allow_dynamic_smem(Kernel kernel, int device) {
+  const int limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
 }
 
 // TF32 for fp32 data (the main GEMM of fp32 input, every var-feature GEMM) follows torch's fp32 matmul
@@ -557,7 +565,7 @@ void launch_pairwise_moments(const PairwiseMomentsParams& params, c10::ScalarTyp
       using VarMath = decltype(var_math);
       const size_t smem = TileSmem<at::opmath_type<scalar_t>, MainMath, VarMath>::kBytes;
       const auto launch = [&](auto kernel) {
-        allow_dynamic_smem(kernel, smem);
+        allow_dynamic_smem(kernel, c10::cuda::current_device());
         kernel<<<blocks, kThreads, smem, stream>>>(params);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
@@ -579,6 +587,7 @@ std::tuple<at::Tensor, at::Tensor> pairwise_moments_cuda(const at::Tensor& x,   
                                                          double scale, double bias, double trace_cross,
                                                          int64_t output) {
   check_pairwise_inputs("pairwise_moments", x, y, x_stats, y_stats, x_var, y_var);
+  check_pairwise_scalars("pairwise_moments", scale, bias, trace_cross);
   check_moments_output(output);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t n = x.size(0), m = y.size(0);
@@ -606,7 +615,7 @@ bool launch_topk_fused(const TopkParams& params, const at::TensorOptions& acc_op
   const size_t smem = topk_smem_bytes<acc_t, MainMath, VarMath>(params.k);
   if (smem > static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device))) return false;
   const auto kernel = topk_segment_kernel<scalar_t, MainMath, VarMath>;
-  allow_dynamic_smem(kernel, smem);
+  allow_dynamic_smem(kernel, device);
   int blocks_per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kThreads, smem));
   const int64_t resident = static_cast<int64_t>(std::max(blocks_per_sm, 1)) *
@@ -646,6 +655,18 @@ at::Tensor topk_key_aten(const at::Tensor& mean, const at::Tensor& var, int64_t 
   }
 }
 
+// The stable top-k order of each row of key [N, C] (SPEC.md section 12), as the fused kernel ranks:
+// descending, NaN after every other key, ties by column. Two stable sorts: by key with NaN as -inf
+// (+0 makes -0 equal to 0 for the radix sort), then NaN rows to the back.
+at::Tensor nan_last_order(const at::Tensor& key) {
+  const at::Tensor nan = key.isnan();
+  const at::Tensor by_key = std::get<1>(at::sort(key.masked_fill(nan, -INFINITY).add(0.0), /*stable=*/true,
+                                                 /*dim=*/1, /*descending=*/true));
+  const at::Tensor nan_back = std::get<1>(at::sort(nan.gather(1, by_key).to(at::kByte), /*stable=*/true,
+                                                   /*dim=*/1, /*descending=*/false));
+  return by_key.gather(1, nan_back);
+}
+
 // Top-k for k beyond the shared-memory lists, still streaming: the pairwise kernel fills an [N, chunk]
 // block of the gallery at a time, and a stable descending sort of [running top-k | chunk] keeps the
 // best k. Running candidates always have the lower indices, so the stable sort keeps ties by index.
@@ -675,10 +696,9 @@ void topk_streaming_fallback(const at::Tensor& x, const at::Tensor& y, const at:
       mean = at::cat({run_mean, mean}, 1);
       var = at::cat({run_var, var}, 1);
     }
-    auto [sorted, order] = at::sort(key, /*stable=*/true, /*dim=*/1, /*descending=*/true);
     const int64_t keep = std::min(k, key.size(1));
-    order = order.narrow(1, 0, keep);
-    run_key = sorted.narrow(1, 0, keep);
+    const at::Tensor order = nan_last_order(key).narrow(1, 0, keep);
+    run_key = key.gather(1, order);
     run_index = index.gather(1, order);
     run_mean = mean.gather(1, order);
     run_var = var.gather(1, order);
@@ -698,6 +718,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_moments_cuda(
     const std::optional<at::Tensor>& y_var,  // [M, K]
     double scale, double bias, double trace_cross, int64_t k, int64_t score, double kappa) {
   check_pairwise_inputs("topk_moments", x, y, x_stats, y_stats, x_var, y_var);
+  check_pairwise_scalars("topk_moments", scale, bias, trace_cross);
   const int64_t n = x.size(0), m = y.size(0);
   check_topk_args(k, m, score, kappa);
   const c10::cuda::CUDAGuard device_guard(x.device());
