@@ -1,4 +1,4 @@
-# make demo | make test | make build | make bench | make sanitize (GPU) | make clean
+# make demo | make test | make build | make bench | make sanitize-cpu | make sanitize (GPU) | make clean
 # Every target sets up .venv/ on first use (dependencies from constraints.txt, then the
 # extension built with --no-build-isolation) and reuses it afterwards.
 
@@ -11,7 +11,7 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h') setup.py tools/cuda_toolkit.py
 
-.PHONY: all setup build demo test test-python test-cpp bench sanitize clean
+.PHONY: all setup build demo test test-python test-cpp test-sanitize-cpu sanitize-cpu bench sanitize clean
 all: test
 
 $(VENV)/.deps-installed: constraints.txt pyproject.toml
@@ -42,7 +42,26 @@ test-cpp: setup
 test-python: setup
 	$(PY) -m pytest tests
 
-test: test-cpp test-python
+test: test-cpp test-python test-sanitize-cpu
+
+# The CPU kernels under AddressSanitizer + UBSan (setup.py's BAYESVLM_EXT_SANITIZE), built beside the normal
+# extension in build/asan/ and loaded in its place through BAYESVLM_EXT_LIBRARY. Python itself is not
+# instrumented, so libasan is preloaded, with libstdc++ (else ASan cannot find the real __cxa_throw and a
+# C++ exception aborts). Any out-of-bounds access or undefined operation aborts the run.
+ASAN_LIB_DIR := build/asan/lib
+SANITIZE_CPU_TESTS := tests/test_ops.py tests/test_fused_ops.py tests/test_degenerate.py tests/test_fuzz.py \
+	tests/test_retrieval.py tests/test_index.py -q -p no:cacheprovider
+sanitize-cpu: $(VENV)/.deps-installed $(CSRC)
+	mkdir -p build
+	BAYESVLM_EXT_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib $(ASAN_LIB_DIR) --build-temp build/asan/tmp \
+		> build/asan.log 2>&1 || (cat build/asan.log; exit 1)
+
+test-sanitize-cpu: setup sanitize-cpu
+	BAYESVLM_EXT_LIBRARY="$$(ls $(ASAN_LIB_DIR)/bayesvlm_ext/_C*.so)" \
+	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:protect_shadow_gap=0 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	$(PY) -m pytest $(SANITIZE_CPU_TESTS)
 
 bench: setup
 	$(PY) -m pytest benchmarks --benchmark-only

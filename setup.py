@@ -4,6 +4,8 @@ Environment knobs (all optional):
   BAYESVLM_EXT_FORCE_CPU=1    build the CPU kernels only, even when a toolkit is present
   BAYESVLM_EXT_FORCE_CUDA=1   fail unless the CUDA kernels can be built
   BAYESVLM_EXT_DEBUG=1        -O0 -g (and -G for device code)
+  BAYESVLM_EXT_SANITIZE=1     CPU kernels only, built with AddressSanitizer and UBSan (`make sanitize-cpu`;
+                              load the result with BAYESVLM_EXT_LIBRARY and LD_PRELOAD of libasan)
   TORCH_CUDA_ARCH_LIST        CUDA architectures, default "8.0;9.0"
   CUDA_HOME                   toolkit root; otherwise found from the real nvcc on PATH
 
@@ -31,6 +33,10 @@ def _flag(name):
 def extensions():
     force_cpu, force_cuda, debug = _flag("BAYESVLM_EXT_FORCE_CPU"), _flag("BAYESVLM_EXT_FORCE_CUDA"), _flag(
         "BAYESVLM_EXT_DEBUG")
+    sanitize = _flag("BAYESVLM_EXT_SANITIZE")
+    if sanitize and force_cuda:
+        raise RuntimeError("BAYESVLM_EXT_SANITIZE builds the CPU kernels only; unset BAYESVLM_EXT_FORCE_CUDA")
+    force_cpu = force_cpu or sanitize  # the sanitizers instrument host code; the CUDA kernels have compute-sanitizer
     if force_cpu and force_cuda:
         raise RuntimeError("BAYESVLM_EXT_FORCE_CPU and BAYESVLM_EXT_FORCE_CUDA are both set; pick one")
     cuda_home = None if force_cpu else find_cuda_home()
@@ -47,6 +53,12 @@ def extensions():
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags += ["-fopenmp"]
     extra = dict(include_dirs=[os.path.join(here, "csrc")], extra_link_args=["-fopenmp"])
+    if sanitize:
+        # Every out-of-bounds access and undefined operation aborts the process (no recovery), so a test
+        # run fails on the first one; -O2 keeps the code (fused multiply-adds included) that of a release build.
+        checks = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+        cxx_flags = ["-O2", "-g", "-fno-omit-frame-pointer", "-fopenmp", *checks]
+        extra["extra_link_args"] += checks
     if cuda_home is None:
         print("bayesvlm_ext: building CPU kernels only")
         return [CppExtension("bayesvlm_ext._C", sources, extra_compile_args={"cxx": cxx_flags}, **extra)]

@@ -1,6 +1,8 @@
 """Loads the compiled extension `bayesvlm_ext._C` when it is there and says which path serves calls.
 
-Set BAYESVLM_EXT_DISABLE_EXTENSION=1 to run everything on the pure-PyTorch path.
+Set BAYESVLM_EXT_DISABLE_EXTENSION=1 to run everything on the pure-PyTorch path, or
+BAYESVLM_EXT_LIBRARY=PATH to load another build of `_C` in place of the package's own (the
+AddressSanitizer build of `make sanitize-cpu`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,22 @@ import warnings
 import torch
 
 DISABLE_ENV = "BAYESVLM_EXT_DISABLE_EXTENSION"
+LIBRARY_ENV = "BAYESVLM_EXT_LIBRARY"
+
+
+def _load_library(path: str):
+    """The extension module `bayesvlm_ext._C` from the file `path` (another build of the same sources)."""
+    import importlib.util
+    import sys
+
+    if not os.path.isfile(path):
+        raise ImportError(f"{LIBRARY_ENV}={path}: no such file")
+    spec = importlib.util.spec_from_file_location(f"{__package__}._C", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module
+    return module
+
 
 _C = None
 load_error: str | None = None
@@ -18,7 +36,10 @@ if os.environ.get(DISABLE_ENV, "0").strip().lower() in ("1", "true", "yes", "on"
     load_error = f"disabled by {DISABLE_ENV}"
 else:
     try:
-        from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
+        if os.environ.get(LIBRARY_ENV):
+            _C = _load_library(os.environ[LIBRARY_ENV])  # loading runs the TORCH_LIBRARY registrations
+        else:
+            from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
     except ImportError as exc:
         load_error = f"{type(exc).__name__}: {exc}"
 

@@ -53,3 +53,21 @@ print(repr(out.tolist()))
     phi = torch.randn(9, 4, generator=g, dtype=torch.float64)
     C = torch.randn(4, 4, generator=g, dtype=torch.float64)
     torch.testing.assert_close(values, bayesvlm_ext.ops.kron_quadform(phi, C), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not bayesvlm_ext.has_extension(), reason="the extension is not built here")
+def test_another_build_of_the_library_loads_in_place_of_the_package_own(tmp_path):
+    # BAYESVLM_EXT_LIBRARY is how `make test-sanitize-cpu` runs the tests against the AddressSanitizer build.
+    copy = tmp_path / os.path.basename(bayesvlm_ext._extension._C.__file__)
+    copy.write_bytes(open(bayesvlm_ext._extension._C.__file__, "rb").read())
+    code = "import bayesvlm_ext, sys; print(bayesvlm_ext.build_info()); print(sys.modules.get('bayesvlm_ext._C'))"
+    for path, loaded in ((str(copy), True), (str(tmp_path / "missing.so"), False)):
+        env = dict(os.environ, BAYESVLM_EXT_LIBRARY=path)
+        proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True,
+                              cwd=ROOT, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        info, module = proc.stdout.strip().splitlines()
+        if loaded:
+            assert "'cpu_kernels': True" in info and path in module
+        else:  # a wrong path is reported, never silently replaced by the package's own build
+            assert f"BAYESVLM_EXT_LIBRARY={path}: no such file" in info and module == "None"
