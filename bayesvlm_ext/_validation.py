@@ -13,6 +13,10 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # published factors reach 3e-7 (float32 round-off), SPEC.md section 2.
 SYMMETRY_RTOL = 1e-4
 
+# The largest logit scale log s: the logit variances carry s^2, which must stay finite in float32 (the results'
+# dtype unless both inputs are float64; e^88.7 overflows it). A round bound just inside: s^2 = e^88 = 1.7e38.
+LOGIT_SCALE_MAX = 44.0
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for float64 inputs, float32 for every other floating dtype (SPEC.md: sums in fp32/fp64)."""
@@ -38,6 +42,33 @@ def check_shape(name: str, x: Tensor, shape: tuple, what: str = "") -> None:
 def check_finite(name: str, x: Tensor) -> None:
     if x.numel() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"argument '{name}' contains NaN or Inf")
+
+
+def check_finite_rows(name: str, x: Tensor) -> None:
+    """ValueError naming `name` and its first rows (along dim 0) that hold NaN or Inf."""
+    if x.dim() == 0 or not x.numel():
+        check_finite(name, x)
+        return
+    bad = ~torch.isfinite(x).reshape(x.shape[0], -1).all(1)
+    if bool(bad.any()):
+        raise ValueError(f"argument '{name}' contains NaN or Inf in {describe_rows(bad.nonzero().flatten())}")
+
+
+def describe_rows(rows: Tensor) -> str:
+    """'row 3' or 'rows 3, 7, 9, 12, 20 and 41 more': enough to find them, short enough to read."""
+    shown = ", ".join(str(r) for r in rows[:5].tolist())
+    more = f" and {rows.numel() - 5} more" if rows.numel() > 5 else ""
+    return f"row{'s' if rows.numel() > 1 else ''} {shown}{more}"
+
+
+def check_logit_scale(name: str, value) -> float:
+    """log s as a float: finite and at most LOGIT_SCALE_MAX, so that s = exp(value) and s^2 are finite in float32."""
+    value = check_finite_scalar(name, value)
+    if value > LOGIT_SCALE_MAX:
+        raise ValueError(f"argument '{name}' (log s) must be at most {LOGIT_SCALE_MAX:g}, got {value:g}: the logit "
+                         f"variances carry s^2 = exp(2 * {name}), which overflows float32 beyond that (trained CLIP "
+                         "and SigLIP models have log s <= log 100 = 4.6)")
+    return value
 
 
 def check_same_device(**tensors: Tensor) -> None:

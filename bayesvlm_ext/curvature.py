@@ -14,7 +14,7 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from ._validation import check_finite, check_finite_scalar, check_tensor, parse_enum
+from ._validation import check_finite, check_finite_scalar, check_logit_scale, check_tensor, parse_enum
 
 __all__ = ["Likelihood", "FactorAccumulator", "kfac_factors"]
 
@@ -36,7 +36,7 @@ class FactorAccumulator:
     def __init__(self, likelihood: str | Likelihood, logit_scale: float, logit_bias: float = 0.0,
                  bias: bool = False):
         self.likelihood = parse_enum("likelihood", likelihood, Likelihood)
-        self.scale = math.exp(check_finite_scalar("logit_scale", logit_scale))
+        self.scale = math.exp(check_logit_scale("logit_scale", logit_scale))  # a ValueError, never an OverflowError
         self.logit_bias = check_finite_scalar("logit_bias", logit_bias)
         self.bias = bool(bias)
         self.A_sum: Tensor | None = None  # [p, p] float64

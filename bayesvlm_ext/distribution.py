@@ -5,6 +5,10 @@ Three covariance forms (SPEC.md section 3), never stored densely:
            `shared = basis diag(shared_eigvals) basis^T` is kept too, for the exact moments.
 - "eigen": S_i = basis diag(k_i) basis^T, one orthonormal basis for the batch (damping "exact").
 - "diag":  S_i = diag(variances_i) (ProbVLM and other per-dimension models).
+
+The constructors `kron`, `eigen` and `diagonal` check the covariance parts (finite, variances >= 0, bases
+orthonormal) and name the argument and rows at fault; the means are not checked: a NaN, Inf or zero mean row is
+degenerate but legal, its scores are NaN and rank last (SPEC.md section 12).
 """
 
 from __future__ import annotations
@@ -14,7 +18,11 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from ._validation import accumulation_dtype, check_finite, check_shape, check_tensor
+from ._validation import accumulation_dtype, check_finite, check_finite_rows, check_shape, check_tensor, describe_rows
+
+# How far basis^T basis may stray from I: a bfloat16 copy of an orthonormal basis strays ~4e-3 / sqrt(D),
+# a wrong matrix (a covariance, a non-normalised basis) by O(1).
+BASIS_ATOL = 1e-2
 
 
 class CovarianceForm(str, Enum):
@@ -66,17 +74,25 @@ class EmbeddingDistribution:
         shared_eigvals: Tensor | None = None,  # [D]
         basis: Tensor | None = None,  # [D, D], shared = basis diag(shared_eigvals) basis^T
     ) -> "EmbeddingDistribution":
-        """S_i = alpha_i * shared. Without eigvals/basis they are computed (float64 eigh) on demand."""
+        """S_i = alpha_i * shared. Without eigvals/basis they are computed (float64 eigh) on demand.
+
+        alpha, shared, shared_eigvals and basis must be finite, alpha and shared_eigvals >= 0 and basis
+        orthonormal (see `eigen`); the means may hold NaN, Inf or zero rows (SPEC.md section 12).
+        """
         n, d = _check_mean(mean)
         check_tensor("alpha", alpha, dim=1)
         check_shape("alpha", alpha, (n,), "one scalar per item")
+        _check_non_negative("alpha", alpha)
         check_tensor("shared", shared, dim=2)
         check_shape("shared", shared, (d, d), "[D, D]")
+        check_finite("shared", shared)
         if (shared_eigvals is None) != (basis is None):
             raise ValueError("arguments 'shared_eigvals' and 'basis' must be given together")
         if basis is not None:
+            check_tensor("shared_eigvals", shared_eigvals, dim=1)
             check_shape("shared_eigvals", shared_eigvals, (d,))
-            check_shape("basis", basis, (d, d))
+            _check_non_negative("shared_eigvals", shared_eigvals)
+            _check_basis(basis, d)
         return cls(mean, CovarianceForm.KRON, alpha=alpha, shared=shared, shared_eigvals=shared_eigvals, basis=basis)
 
     @classmethod
@@ -86,12 +102,17 @@ class EmbeddingDistribution:
         k: Tensor,  # [N, D], >= 0
         basis: Tensor,  # [D, D] orthonormal columns
     ) -> "EmbeddingDistribution":
-        """S_i = basis diag(k_i) basis^T."""
+        """S_i = basis diag(k_i) basis^T.
+
+        k must be finite and >= 0; basis finite with orthonormal columns (|basis^T basis - I| <= BASIS_ATOL
+        entrywise, loose enough for a bfloat16 copy of an eigh result: a wrong matrix, not round-off, fails).
+        The means may hold NaN, Inf or zero rows (SPEC.md section 12).
+        """
         n, d = _check_mean(mean)
         check_tensor("k", k, dim=2)
         check_shape("k", k, (n, d), "[N, D]")
-        check_tensor("basis", basis, dim=2)
-        check_shape("basis", basis, (d, d), "[D, D]")
+        _check_non_negative("k", k)
+        _check_basis(basis, d)
         return cls(mean, CovarianceForm.EIGEN, k=k, basis=basis)
 
     @classmethod
@@ -104,9 +125,7 @@ class EmbeddingDistribution:
         n, d = _check_mean(mean)
         check_tensor("variances", variances, dim=2)
         check_shape("variances", variances, (n, d), "[N, D]")
-        check_finite("variances", variances)
-        if variances.numel() and bool((variances < 0).any()):
-            raise ValueError("argument 'variances' must be non-negative")
+        _check_non_negative("variances", variances)
         return cls(mean, CovarianceForm.DIAG, variances=variances)
 
     # ---- queries ------------------------------------------------------------------------------
@@ -218,3 +237,32 @@ class EmbeddingDistribution:
 def _check_mean(mean: Tensor) -> tuple[int, int]:
     check_tensor("mean", mean, dim=2)
     return mean.shape[0], mean.shape[1]
+
+
+def _check_non_negative(name: str, x: Tensor) -> None:
+    """Finite and >= 0 (a variance scale): NaN, Inf or negative entries named with their rows."""
+    check_finite_rows(name, x)
+    negative = (x < 0).reshape(x.shape[0], -1).any(1) if x.numel() else x.new_zeros(0, dtype=torch.bool)
+    if bool(negative.any()):
+        raise ValueError(f"argument '{name}' must be non-negative, got negative values in "
+                         f"{describe_rows(negative.nonzero().flatten())}")
+
+
+def _check_basis(basis: Tensor, d: int) -> None:
+    """[D, D], finite, orthonormal columns up to BASIS_ATOL.
+
+    Probed in O(D^2) rather than by forming basis^T basis (O(D^3), 10 ms at D = 512 on every embedded batch):
+    basis^T basis v = v for a fixed pseudo-random unit v holds for an orthonormal basis and, for a wrong
+    matrix (a covariance, a non-normalised basis), fails unless v happens to be an eigenvector of it."""
+    check_tensor("basis", basis, dim=2)
+    check_shape("basis", basis, (d, d), "[D, D]")
+    check_finite("basis", basis)
+    if not d:
+        return
+    q = basis.detach().to(accumulation_dtype(basis.dtype))
+    probe = torch.randn(d, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
+    probe = (probe / probe.norm()).to(device=q.device, dtype=q.dtype)
+    error = float((q.T @ (q @ probe) - probe).abs().max())
+    if error > BASIS_ATOL:
+        raise ValueError(f"argument 'basis' must have orthonormal columns: |basis^T basis v - v| = {error:.3g} for a "
+                         f"unit v exceeds {BASIS_ATOL:g}")

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._validation import accumulation_dtype, check_finite_scalar, parse_enum
+from ._validation import accumulation_dtype, check_finite_scalar, check_logit_scale, parse_enum
 from .distribution import CovarianceForm, EmbeddingDistribution
 
 
@@ -51,7 +51,7 @@ class PairInputs(NamedTuple):
 def cosine_moments(
     img: EmbeddingDistribution,  # N image embeddings
     txt: EmbeddingDistribution,  # M text embeddings
-    logit_scale: float | Tensor,  # log s, as stored in open_clip and Hugging Face models
+    logit_scale: float | Tensor,  # log s, as stored in open_clip and Hugging Face models; at most 44 (s^2 fits float32)
     logit_bias: float | Tensor = 0.0,  # beta (SigLIP); 0 for CLIP
     variant: str | Variant | None = None,
     output: str | MomentsOutput = "mean",
@@ -76,7 +76,9 @@ def cosine_moments(
 
 
 def _logit_params(logit_scale, logit_bias) -> tuple[float, float]:
-    return math.exp(check_finite_scalar("logit_scale", logit_scale)), check_finite_scalar("logit_bias", logit_bias)
+    """(s, beta); ValueError for a log s beyond LOGIT_SCALE_MAX, whose s^2 would overflow the float32 variances
+    (math.exp itself raises OverflowError from 710 on)."""
+    return math.exp(check_logit_scale("logit_scale", logit_scale)), check_finite_scalar("logit_bias", logit_bias)
 
 
 def pairwise_inputs(

@@ -3,6 +3,10 @@
 SPEC.md sections 2, 3 and 10. Factors are symmetrised on construction; their eigendecompositions
 (float64, negative eigenvalues clamped to 0) are computed once, on first use, and everything else
 (inverses, log-determinants, the marginal likelihood and its optimum, samples) is algebra on them.
+
+Degenerate input is an error naming what is wrong, never a silent NaN: non-finite factors, weights or features
+(the rows named), a factor with negative eigenvalues beyond round-off (CLAMP_RTOL, raised on first use),
+features whose statistics overflow their dtype, evidence without a finite optimum, and damaged files.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._savedir import saved_files, write_saved
-from ._validation import (accumulation_dtype, check_finite, check_positive_scalar, check_same_device, check_shape,
-                          check_symmetric_factor, check_tensor, parse_enum)
+from ._savedir import read_config, read_header, read_tensors, saved_files, write_saved
+from ._validation import (FLOAT_DTYPES, accumulation_dtype, check_finite, check_finite_rows, check_positive_scalar,
+                          check_same_device, check_shape, check_symmetric_factor, check_tensor, describe_rows,
+                          parse_enum)
 from .distribution import CovarianceForm, EmbeddingDistribution
 
 logger = logging.getLogger("bayesvlm_ext")
@@ -29,6 +34,9 @@ SAVE_FORMAT = "bayesvlm_ext.KronPosterior"
 SAVE_VERSION = 1
 TENSORS_FILE = "posterior.safetensors"
 CONFIG_FILE = "posterior.json"
+# Negative eigenvalues are round-off and clamped to 0 (SPEC.md section 2) down to this fraction of the largest
+# eigenvalue; published factors reach 1e-6. Beyond it the factor is not a curvature (negated, damaged): an error.
+CLAMP_RTOL = 1e-2
 
 
 class Damping(str, Enum):
@@ -135,6 +143,11 @@ class KronPosterior:
             report = FactorReport(name=name, size=values.numel(), asymmetry=self._asymmetry[name],
                                   num_clamped=int(negative.sum()), min_eigenvalue=float(values.min()),
                                   max_eigenvalue=float(values.max()), clamped_mass=float(-values[negative].sum()))
+            if report.min_eigenvalue < -CLAMP_RTOL * max(report.max_eigenvalue, 0.0):
+                raise ValueError(f"argument '{name}' is not positive semi-definite: its smallest eigenvalue "
+                                 f"{report.min_eigenvalue:.3g} is below -{CLAMP_RTOL:g} times its largest "
+                                 f"{report.max_eigenvalue:.3g}, far more than round-off (was it negated or "
+                                 "damaged?); clamping it to 0 would silently change the posterior")
             if report.num_clamped:
                 logger.info("factor %s: clamped %d negative eigenvalues (min %.3g, total %.3g) to 0", name,
                             report.num_clamped, report.min_eigenvalue, report.clamped_mass)
@@ -195,7 +208,7 @@ class KronPosterior:
                              f"got {tuple(phi.shape)}")
         if phi.device != self.device:
             raise ValueError(f"argument 'phi' must be on the posterior's device {self.device}, got {phi.device}")
-        check_finite("phi", phi)
+        check_finite_rows("phi", phi)
         if against is not None and not isinstance(against, KronPosterior):
             raise ValueError(f"argument 'against' must be a KronPosterior (the other tower), got "
                              f"{type(against).__name__}")
@@ -208,7 +221,7 @@ class KronPosterior:
             check_shape("residual", residual, (phi.shape[0], self.out_features), "[N, D]")
             if residual.device != phi.device:
                 raise ValueError(f"argument 'residual' must be on {phi.device}, got {residual.device}")
-            check_finite("residual", residual)
+            check_finite_rows("residual", residual)
             residual = residual.to(dtype)
         other_shared = None
         if against is not None and against.damping is Damping.KRON:
@@ -216,12 +229,14 @@ class KronPosterior:
         if self.damping is Damping.KRON:
             mean, alpha, sq_norm, cross_quad = ops.item_stats(phi, t["weight"], t.get("bias"), residual, t["A_inv"],
                                                               other_shared)
+            _check_no_overflow(dtype, alpha[:, None], sq_norm, cross_quad if other_shared is not None else None)
             return EmbeddingDistribution(mean, CovarianceForm.KRON, alpha=alpha, shared=t["B_inv"],
                                          shared_eigvals=t["B_inv_eigvals"], basis=t["basis_B"], sq_norm=sq_norm,
                                          cross_quad=cross_quad if other_shared is not None else None,
                                          cross_shared=other_shared)
         mean, k, sq_norm, cross_quad = ops.item_stats_exact(phi, t["weight"], t.get("bias"), residual, t["Qa"],
                                                             t["K"], other_shared)
+        _check_no_overflow(dtype, k, sq_norm, cross_quad if other_shared is not None else None)
         return EmbeddingDistribution(mean, CovarianceForm.EIGEN, k=k, basis=t["basis_B"], sq_norm=sq_norm,
                                      cross_quad=cross_quad if other_shared is not None else None,
                                      cross_shared=other_shared)
@@ -271,9 +286,26 @@ class KronPosterior:
         set: this evidence cannot choose n, because it decreases monotonically in n (log det of the
         precision grows with n, and the tempered data term n log p(D | W*) is never positive), so its
         maximiser would be n -> 0.
+
+        Raises ValueError where no finite optimum exists: the MAP weight is zero (the evidence grows without
+        bound in lam), or the factors carry no curvature (the evidence is maximised as lam -> 0): under
+        damping "kron" when A and B are both zero, under "exact" when either is.
         """
         if self._map_sq_norm() == 0:
             raise ValueError("the MAP weight is zero: the marginal likelihood has no finite optimum in lam")
+        # The sign of the slope as lam -> 0, in closed form: the bracketing below evaluates it in floating point,
+        # where a slope that is exactly 0 (zero factors) rounds to +-1e-15 and stops at an arbitrary lam ~ 1e-55.
+        # kron: 1/2 (q #{a_i > 0} + p #{e_j > 0}); exact: #{(i, j): a_i e_j > 0}.
+        positive_a, positive_e = (int((self._factor_eig(n)[0] > 0).sum()) for n in ("A", "B"))
+        p, q = self.A.shape[0], self.B.shape[0]
+        if self.damping is Damping.KRON:
+            no_curvature = positive_a == 0 and positive_e == 0
+        else:
+            no_curvature = positive_a == 0 or positive_e == 0
+        if no_curvature:
+            raise ValueError(f"the marginal likelihood is maximised as lam -> 0: the factors carry no curvature "
+                             f"(A has {positive_a} of {p} and B {positive_e} of {q} eigenvalues above 0; are the "
+                             "factors zero?)")
         lo = hi = math.log(self.prior_precision)
         if self._evidence_slope(lo) > 0:
             step = 1.0
@@ -371,26 +403,48 @@ class KronPosterior:
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: torch.device | str = "cpu") -> "KronPosterior":
-        """Read a posterior written by `save`; the result equals the saved one exactly."""
-        from safetensors.torch import load_file
+        """Read a posterior written by `save`; the result equals the saved one exactly.
 
-        tensors_file, config_file = saved_files(path, TENSORS_FILE, CONFIG_FILE, "KronPosterior.load")
-        with open(config_file) as f:
-            config = json.load(f)
+        A damaged or inconsistent directory (truncated or malformed files, missing keys or tensors, sizes that
+        disagree with the configuration, non-floating dtypes, invalid hyper-parameters) is a ValueError naming
+        the file; shapes are checked from the safetensors header before any tensor is read.
+        """
+        owner = "KronPosterior.load"
+        tensors_file, config_file = saved_files(path, TENSORS_FILE, CONFIG_FILE, owner)
+        config = read_config(config_file, owner)
         for key in ("format", "prior_precision", "pseudo_count", "damping", "has_bias"):
             if key not in config:
-                raise ValueError(f"KronPosterior.load: {config_file} lacks the key '{key}'")
+                raise ValueError(f"{owner}: {config_file} lacks the key '{key}'")
         if config["format"] != SAVE_FORMAT:
-            raise ValueError(f"KronPosterior.load: {config_file} has format {config['format']!r}, "
-                             f"expected {SAVE_FORMAT!r}")
-        tensors = load_file(tensors_file, device=str(torch.device(map_location)))
+            raise ValueError(f"{owner}: {config_file} has format {config['format']!r}, expected {SAVE_FORMAT!r}")
+        if not isinstance(config["has_bias"], bool):
+            raise ValueError(f"{owner}: {config_file} has 'has_bias' {config['has_bias']!r}, expected true or false")
+        header = read_header(tensors_file, owner)
         needed = ("A", "B", "weight") + (("bias",) if config["has_bias"] else ())
         for name in needed:
-            if name not in tensors:
-                raise ValueError(f"KronPosterior.load: {tensors_file} lacks the tensor '{name}'")
-        return cls(tensors["A"], tensors["B"], tensors["weight"], tensors.get("bias"),
-                   prior_precision=config["prior_precision"], pseudo_count=config["pseudo_count"],
-                   damping=config["damping"])
+            if name not in header:
+                raise ValueError(f"{owner}: {tensors_file} lacks the tensor '{name}'")
+        weight_shape = header["weight"][1]
+        if len(weight_shape) != 2:
+            raise ValueError(f"{owner}: {tensors_file} holds 'weight' of shape {weight_shape}, expected [D, P]")
+        D, P = weight_shape
+        for key, size in (("out_features", D), ("in_features", P)):
+            if key in config and config[key] != size:
+                raise ValueError(f"{owner}: {config_file} has '{key}' {config[key]!r}, but 'weight' in {tensors_file} "
+                                 f"has shape {weight_shape} (D, P)")
+        p = P + config["has_bias"]
+        expected = {"weight": (D, P), "A": (p, p), "B": (D, D), "bias": (D,)}
+        for name in needed:
+            if header[name][1] != expected[name]:
+                raise ValueError(f"{owner}: {tensors_file} holds '{name}' of shape {header[name][1]}, but "
+                                 f"{config_file} (D = {D}, P = {P}, bias {config['has_bias']}) needs {expected[name]}")
+        tensors = read_tensors(tensors_file, str(torch.device(map_location)), owner)
+        try:  # the constructor checks the values: finite, symmetric factors, positive hyper-parameters
+            bias = tensors["bias"] if config["has_bias"] else None
+            return cls(tensors["A"], tensors["B"], tensors["weight"], bias, prior_precision=config["prior_precision"],
+                       pseudo_count=config["pseudo_count"], damping=config["damping"])
+        except ValueError as error:
+            raise ValueError(f"{owner}: {path} does not hold a valid posterior: {error}") from None
 
     @classmethod
     def from_bayesvlm_dir(
@@ -417,25 +471,79 @@ class KronPosterior:
         for file in (*files.values(), json_file):
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"factor directory {path}: missing file {os.path.basename(file)}")
+        hyper = _read_hyperparameters(json_file, tower)  # the small file first: a damaged one fails before any load
         D, P = weight.shape
         expected = {"A": P + (bias is not None), "B": D}
         factors = {}
         for name, file in files.items():
-            factor = torch.load(file, map_location=map_location, weights_only=True)
-            if not isinstance(factor, Tensor):
-                raise ValueError(f"{file} must hold one tensor, got {type(factor).__name__}")
+            factor = _load_factor(file, map_location)
             size = expected[name]
             if tuple(factor.shape) != (size, size):
                 raise ValueError(f"{file} has shape {tuple(factor.shape)}; weight [D, P] = {(D, P)} "
                                  f"{'with' if bias is not None else 'without'} bias needs ({size}, {size})")
+            if not bool(torch.isfinite(factor).all()):
+                raise ValueError(f"{file} contains NaN or Inf")
             factors[name] = factor.to(weight.device)
-        with open(json_file) as f:
-            hyper = json.load(f)
-        for key in (f"lambda_{tower}", f"n_{tower}"):
-            if key not in hyper:
-                raise ValueError(f"{json_file} lacks the key '{key}'")
         return cls(factors["A"], factors["B"], weight, bias, prior_precision=hyper[f"lambda_{tower}"],
                    pseudo_count=hyper[f"n_{tower}"], damping=damping)
+
+
+def _check_no_overflow(
+    dtype: torch.dtype,  # the accumulation dtype the statistics were computed in
+    spread: Tensor,  # [N, 1] alpha or [N, q] k
+    sq_norm: Tensor,  # [N] ||mean||^2
+    cross_quad: Tensor | None,  # [N] mean^T B_other^-1 mean
+) -> None:
+    """ValueError naming 'phi' and its rows when finite features gave a non-finite statistic.
+
+    phi was checked finite, so a NaN or Inf here is overflow: features of 1e30 make phi_i phi_j = 1e60, beyond
+    float32, and the quadratic form then sums inf - inf = NaN. The true value is not representable either
+    (alpha ~ |phi|^2), so it is an error, not a silent NaN that would rank as a degenerate row.
+    """
+    bad = ~(torch.isfinite(spread).all(1) & torch.isfinite(sq_norm))
+    if cross_quad is not None:
+        bad |= ~torch.isfinite(cross_quad)
+    if bool(bad.any()):
+        advice = "pass float64 features or rescale them" if dtype != torch.float64 else "rescale them"
+        raise ValueError(f"argument 'phi' (with 'residual', if given) overflows {str(dtype).removeprefix('torch.')} "
+                         f"in {describe_rows(bad.nonzero().flatten())}: alpha = phi^T A_d^-1 phi (or k) or ||mean||^2 "
+                         f"is not finite; {advice}")
+
+
+def _load_factor(file: str, map_location: torch.device | str) -> Tensor:
+    """The tensor in a published `.pt` factor file, on `map_location`; ValueError naming the file when it is damaged,
+    holds anything but one floating tensor, or would need arbitrary objects unpickled (SPEC.md section 10)."""
+    try:
+        factor = torch.load(file, map_location=map_location, weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as error:  # a damaged file surfaces as RuntimeError, OSError, EOFError, UnpicklingError, ...
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(f"{file} is not a readable tensor file ({type(error).__name__}: {reason})") from error
+    if not isinstance(factor, Tensor):
+        raise ValueError(f"{file} must hold one tensor, got {type(factor).__name__}")
+    if factor.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{file} holds a {factor.dtype} tensor; expected a floating factor")
+    return factor
+
+
+def _read_hyperparameters(json_file: str, tower: str) -> dict[str, float]:
+    """lambda_<tower> and n_<tower> from prior_precision_analytic.json: positive finite numbers, or a ValueError
+    naming the file and the key."""
+    try:
+        with open(json_file, encoding="utf-8") as f:
+            hyper = json.load(f)
+    except ValueError as error:  # json.JSONDecodeError and UnicodeDecodeError: the file is damaged
+        raise ValueError(f"{json_file} is not valid JSON ({error})") from None
+    if not isinstance(hyper, dict):
+        raise ValueError(f"{json_file} must hold a JSON object, got {type(hyper).__name__}")
+    for key in (f"lambda_{tower}", f"n_{tower}"):
+        if key not in hyper:
+            raise ValueError(f"{json_file} lacks the key '{key}'")
+        value = hyper[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{json_file} has '{key}' {value!r}; expected a positive finite number")
+    return hyper
 
 
 def _symmetrised(x: Tensor) -> Tensor:

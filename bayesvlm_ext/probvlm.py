@@ -36,8 +36,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._savedir import saved_files, write_saved
-from ._validation import accumulation_dtype, check_finite, check_tensor, parse_enum
+from ._savedir import read_config, read_header, read_tensors, saved_files, write_saved
+from ._validation import accumulation_dtype, check_finite_rows, check_tensor, parse_enum
 from .distribution import EmbeddingDistribution
 
 __all__ = ["ProbVLM", "ProbVLMAdapter", "GGDParams", "LossWeights", "TrainingHistory", "Uncertainty", "MeanSource",
@@ -240,7 +240,7 @@ class ProbVLMAdapter(nn.Module):
         weight = self.trunk_in.weight
         if x.device != weight.device:
             raise ValueError(f"argument 'x' must be on the adapter's device {weight.device}, got {x.device}")
-        check_finite("x", x)
+        check_finite_rows("x", x)
         uncertainty = parse_enum("uncertainty", uncertainty, Uncertainty)
         mean = parse_enum("mean", mean, MeanSource)
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
@@ -308,28 +308,46 @@ class ProbVLM(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: torch.device | str = "cpu") -> "ProbVLM":
-        """Read a model written by `save`; its parameters equal the saved ones bit for bit."""
-        from safetensors.torch import load_file
+        """Read a model written by `save`; its parameters equal the saved ones bit for bit.
 
-        tensors_file, config_file = saved_files(path, TENSORS_FILE, CONFIG_FILE, "ProbVLM.load")
+        A damaged or inconsistent directory is a ValueError naming the file, raised before the model is built:
+        the configuration is checked against the tensors' names, shapes and dtypes in the safetensors header
+        (a `hidden` of 1e9 would otherwise allocate tens of GB first), then the values must be finite.
+        """
+        owner = "ProbVLM.load"
+        tensors_file, config_file = saved_files(path, TENSORS_FILE, CONFIG_FILE, owner)
+        saved = read_config(config_file, owner)
         try:
-            with open(config_file) as f:
-                saved = json.load(f)
             if saved.get("format") != SAVE_FORMAT:
                 raise ValueError(f"format {saved.get('format')!r}, expected {SAVE_FORMAT!r}")
             if saved.get("version") != SAVE_VERSION:
                 raise ValueError(f"version {saved.get('version')!r}, this bayesvlm_ext reads {SAVE_VERSION}")
+            if not isinstance(saved.get("config"), dict):
+                raise ValueError(f"'config' must be an object, got {saved.get('config')!r}")
             config = dict(saved["config"])
             dim = config.pop("dim")
-            model = cls(dim, **config)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"ProbVLM.load: {config_file} is not a ProbVLM configuration ({error})") from None
-        tensors = load_file(tensors_file, device=str(torch.device(map_location)))
-        model = model.to(device=map_location, dtype=next(iter(tensors.values())).dtype)
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
+            with torch.device("meta"):  # the shapes the configuration implies, with nothing allocated
+                expected = {name: tuple(t.shape) for name, t in cls(dim, **config).state_dict().items()}
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{owner}: {config_file} is not a ProbVLM configuration ({error})") from None
+        header = read_header(tensors_file, owner)
+        missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
         if missing or unexpected:
-            raise ValueError(f"ProbVLM.load: {tensors_file} does not fit {config_file} (missing {missing}, "
+            raise ValueError(f"{owner}: {tensors_file} does not fit {config_file} (missing {missing}, "
                              f"unexpected {unexpected})")
+        for name, shape in expected.items():
+            if header[name][1] != shape:
+                raise ValueError(f"{owner}: {tensors_file} holds '{name}' of shape {header[name][1]}, but "
+                                 f"{config_file} ({saved['config']}) needs {shape}")
+        dtypes = sorted({dtype for dtype, _ in header.values()})
+        if len(dtypes) != 1:
+            raise ValueError(f"{owner}: {tensors_file} mixes dtypes {dtypes}; a saved model has one")
+        tensors = read_tensors(tensors_file, str(torch.device(map_location)), owner)
+        for name, t in tensors.items():
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{owner}: {tensors_file} holds NaN or Inf in '{name}'")
+        model = cls(dim, **config).to(device=map_location, dtype=next(iter(tensors.values())).dtype)
+        model.load_state_dict(tensors)
         return model.eval()
 
 
@@ -419,10 +437,15 @@ def train_probvlm(
     state is saved after every epoch; a later call with the same arguments (`epochs` may grow) resumes
     and ends with the same weights as an uninterrupted run. Float64 embeddings train a float64 model;
     any other dtype trains in float32.
+
+    Finite or fail: embeddings holding NaN or Inf are refused up front (ValueError naming the tensor and its
+    rows), and a run whose loss or parameters leave the finite numbers (e.g. float32 embeddings of magnitude
+    1e20, whose GGD term overflows) stops with a ValueError before that state reaches the best weights or
+    the checkpoint; nothing non-finite is ever returned.
     """
     for name, t in (("image", image), ("text", text)):
         check_tensor(name, t, dim=2)
-        check_finite(name, t)
+        check_finite_rows(name, t)
     if image.shape != text.shape:
         raise ValueError(f"arguments 'image' and 'text' must be paired [N, D] tensors of one shape, got "
                          f"{tuple(image.shape)} and {tuple(text.shape)}")
@@ -464,6 +487,13 @@ def train_probvlm(
             start = time.perf_counter()
             train_loss = _train_epoch(model, optimizer, train_x, train_y, weights, batch_size, seed, epoch)
             val_loss = _evaluate(model, val_x, val_y, weights, batch_size)
+            # Checked before the weights can become the best state or reach a checkpoint: finite or fail.
+            broken = [name for name, t in model.named_parameters() if not bool(torch.isfinite(t).all())]
+            if broken:
+                raise _diverged(f"after epoch {epoch} the parameters {', '.join(broken[:3])} hold NaN or Inf",
+                                train_x, train_y)
+            if not math.isfinite(val_loss):
+                raise _diverged(f"the validation loss of epoch {epoch} is {val_loss}", val_x, val_y)
             history.train_loss.append(train_loss)
             history.val_loss.append(val_loss)
             if best_state is None or val_loss < history.val_loss[history.best_epoch]:
@@ -490,7 +520,7 @@ def _split(image, text, val_image, val_text, val_fraction, seed):
     if val_image is not None:
         for name, t in (("val_image", val_image), ("val_text", val_text)):
             check_tensor(name, t, dim=2)
-            check_finite(name, t)
+            check_finite_rows(name, t)
             if t.shape[1] != image.shape[1] or t.shape[0] == 0:
                 raise ValueError(f"argument '{name}' must be [V, {image.shape[1]}] with V >= 1, got {tuple(t.shape)}")
         if val_image.shape != val_text.shape:
@@ -521,10 +551,21 @@ def _train_epoch(model, optimizer, image, text, weights, batch_size, seed, epoch
         rows = order[b0:b0 + batch_size]
         optimizer.zero_grad(set_to_none=True)
         loss = probvlm_loss(model, image[rows], text[rows], weights)
+        value = loss.item()
+        if not math.isfinite(value):  # before the step: a NaN gradient would poison every parameter
+            raise _diverged(f"the training loss of epoch {epoch}, batch {b0 // batch_size} is {value}", image, text)
         loss.backward()
         optimizer.step()
-        total, batches = total + loss.item(), batches + 1
+        total, batches = total + value, batches + 1
     return total / batches
+
+
+def _diverged(what: str, image: Tensor, text: Tensor) -> ValueError:
+    """The error that stops a training run which left the finite numbers (no weights are returned or saved)."""
+    magnitude = max(float(image.abs().max()), float(text.abs().max())) if image.numel() else 0.0
+    return ValueError(f"train_probvlm: training diverged: {what} (the embeddings reach |x| = {magnitude:.3g}; the GGD "
+                      "likelihood raises residuals to the power beta, which overflows for large embeddings). "
+                      "Normalise the embeddings (as CLIP does, to unit norm) or train in float64")
 
 
 def _evaluate(model, image, text, weights, batch_size) -> float:

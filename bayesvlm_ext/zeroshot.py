@@ -26,7 +26,7 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from ._validation import check_finite, check_tensor, parse_enum
+from ._validation import check_finite, check_finite_scalar, check_logit_scale, check_tensor, parse_enum
 from .moments import cosine_moments
 from .posterior import KronPosterior
 from .predictive import predictive
@@ -97,6 +97,9 @@ class ZeroShotClassifier:
                 raise ValueError(f"argument '{name}' must be a KronPosterior, got {type(value).__name__}")
         self.image_posterior, self.text_posterior = image_posterior, text_posterior
         self.likelihood = parse_enum("likelihood", likelihood, ZeroShotLikelihood)
+        # Checked here, not at the first prediction: map_probabilities' exp would overflow to inf silently.
+        check_logit_scale("logit_scale", logit_scale)
+        check_finite_scalar("logit_bias", logit_bias)
         self.logit_scale, self.logit_bias = logit_scale, logit_bias
         # Kept for joint weight samples (bayesvlm_ext.active): classes share W_txt, so they are correlated.
         self.class_features, self.class_residual = class_features, class_residual

@@ -272,12 +272,15 @@ class _Payload:
         return (os.system, ("echo should-never-run",))
 
 
-def test_from_bayesvlm_dir_never_unpickles_objects(tmp_path, generator):
+def test_from_bayesvlm_dir_never_unpickles_objects(tmp_path, generator, capfd):
     path = write_bayesvlm_dir(tmp_path / "factors", generator)
     with open(path / "A_img_analytic.pt", "wb") as f:
         pickle.dump(_Payload(), f, protocol=2)
-    with pytest.raises(pickle.UnpicklingError):
+    # Refused by the weights-only unpickler, reported as a ValueError naming the file (the cause kept).
+    with pytest.raises(ValueError, match="A_img_analytic.pt is not a readable tensor file") as raised:
         KronPosterior.from_bayesvlm_dir(path, tower="img", weight=torch.randn(D, P))
+    assert isinstance(raised.value.__cause__, pickle.UnpicklingError)
+    assert "should-never-run" not in capfd.readouterr().out
 
 
 def test_bad_input_names_the_argument(generator):
@@ -357,3 +360,176 @@ def test_embedding_distribution_rejects_bad_shapes():
         EmbeddingDistribution.diagonal(torch.zeros(3, 2), -torch.ones(3, 2))
     with pytest.raises(ValueError, match="'basis'"):
         EmbeddingDistribution.eigen(torch.zeros(3, 2), torch.zeros(3, 2), torch.eye(3))
+
+
+# ---- degenerate input: a ValueError naming the argument or file, never a silent NaN (issue 15) ----------------
+
+def test_embedding_distribution_checks_every_covariance_part():
+    mean, eye = torch.randn(3, 2), torch.eye(2)
+    nan_alpha = torch.tensor([1.0, float("nan"), 0.5])
+    cases = [
+        (lambda: EmbeddingDistribution.kron(mean, nan_alpha, eye), "'alpha' contains NaN or Inf in row 1"),
+        (lambda: EmbeddingDistribution.kron(mean, torch.tensor([1.0, 0.0, -2.0]), eye),
+         "'alpha' must be non-negative, got negative values in row 2"),
+        (lambda: EmbeddingDistribution.kron(mean, torch.ones(3), torch.full((2, 2), float("inf"))),
+         "'shared' contains NaN or Inf"),
+        (lambda: EmbeddingDistribution.kron(mean, torch.ones(3), eye, torch.tensor([1.0, -1.0]), eye),
+         "'shared_eigvals' must be non-negative"),
+        (lambda: EmbeddingDistribution.kron(mean, torch.ones(3), eye, torch.ones(2), torch.full((2, 2), float("nan"))),
+         "'basis' contains NaN or Inf"),
+        (lambda: EmbeddingDistribution.kron(mean, torch.ones(3), eye, torch.ones(2), 2 * eye),
+         "'basis' must have orthonormal columns"),
+        (lambda: EmbeddingDistribution.eigen(mean, torch.full((3, 2), float("inf")), eye), "'k' contains NaN or Inf"),
+        (lambda: EmbeddingDistribution.eigen(mean, -torch.ones(3, 2), eye), "'k' must be non-negative"),
+        (lambda: EmbeddingDistribution.eigen(mean, torch.ones(3, 2), torch.ones(2, 2)),
+         "'basis' must have orthonormal columns"),
+        (lambda: EmbeddingDistribution.diagonal(mean, torch.tensor([[1.0, 1], [1, 1], [float("nan"), 1]])),
+         "'variances' contains NaN or Inf in row 2"),
+    ]
+    for build, message in cases:
+        with pytest.raises(ValueError, match=message):
+            build()
+    # The means are not checked: NaN, Inf and zero rows are degenerate but legal (SPEC.md section 12).
+    odd_mean = torch.tensor([[float("nan"), 0.0], [0.0, 0.0], [float("inf"), 1.0]])
+    rotation = torch.tensor([[0.6, -0.8], [0.8, 0.6]])
+    EmbeddingDistribution.kron(odd_mean, torch.ones(3), eye, torch.ones(2), rotation)
+    EmbeddingDistribution.eigen(odd_mean, torch.ones(3, 2), rotation.bfloat16())
+    EmbeddingDistribution.diagonal(odd_mean, torch.ones(3, 2))
+
+
+def test_embed_names_the_non_finite_feature_rows(generator):
+    post, _ = make_posterior(generator)
+    phi = torch.randn(6, P, generator=generator, dtype=torch.float64)
+    phi[2, 1], phi[4, 0] = float("nan"), float("-inf")
+    with pytest.raises(ValueError, match="'phi' contains NaN or Inf in rows 2, 4"):
+        post.embed(phi)
+    residual = torch.zeros(6, D, dtype=torch.float64)
+    residual[5, 0] = float("inf")
+    with pytest.raises(ValueError, match="'residual' contains NaN or Inf in row 5"):
+        post.embed(phi.nan_to_num(), residual=residual)
+
+
+@pytest.mark.parametrize("damping", ["kron", "exact"])
+def test_features_that_overflow_float32_are_an_error_not_nan(damping, generator):
+    # 1e30 is a finite float32, but phi_i phi_j = 1e60 is not: alpha (or k) and ||mean||^2 came out inf or NaN.
+    post, _ = make_posterior(generator, damping=damping)
+    phi = torch.randn(4, P, generator=generator)
+    phi[1] *= 1e30
+    with pytest.raises(ValueError, match="'phi' .*overflows float32 in row 1: .*pass float64 features"):
+        post.embed(phi)
+    # The same rows in float64 are representable and finite.
+    dist = post.embed(phi.double())
+    stats = dist.alpha[:, None] if damping == "kron" else dist.k
+    assert bool(torch.isfinite(stats).all() and torch.isfinite(dist.sq_norm).all())
+
+
+@pytest.mark.parametrize("damping", ["kron", "exact"])
+def test_optimize_prior_precision_refuses_factors_without_curvature(damping, generator):
+    weight = torch.randn(D, P, generator=generator, dtype=torch.float64)
+    zero_a, zero_b = torch.zeros(P, P, dtype=torch.float64), torch.zeros(D, D, dtype=torch.float64)
+    post = KronPosterior(zero_a, zero_b, weight, damping=damping)
+    with pytest.raises(ValueError, match="maximised as lam -> 0: the factors carry no curvature"):
+        post.optimize_prior_precision()
+    assert post.prior_precision == 1.0  # left as it was
+    # The posterior itself is the prior then, and embeds finitely: S_i = ||phi_i||^2 I / lam.
+    phi = torch.randn(3, P, generator=generator, dtype=torch.float64)
+    cov = post.embed(phi).covariance()
+    expected = (phi * phi).sum(1)[:, None, None] * torch.eye(D, dtype=torch.float64)
+    torch.testing.assert_close(cov, expected, rtol=1e-12, atol=1e-12)
+    # One zero factor: "exact" (curvature n a_i e_j) has none either; "kron" damps each factor apart and keeps a
+    # finite optimum, a root of the evidence's slope.
+    one_zero = KronPosterior(zero_a, spd(D, generator), weight, damping=damping)
+    if damping == "exact":
+        with pytest.raises(ValueError, match="no curvature"):
+            one_zero.optimize_prior_precision()
+    else:
+        lam = one_zero.optimize_prior_precision()
+        assert 1e-10 < lam < 1e10
+        assert abs(one_zero._evidence_slope(math.log(lam))) < 1e-6 * P * D
+
+
+def test_a_factor_far_from_positive_semidefinite_is_refused(generator):
+    A, B = spd(P, generator), spd(D, generator)
+    weight = torch.randn(D, P, generator=generator, dtype=torch.float64)
+    phi = torch.randn(2, P, generator=generator, dtype=torch.float64)
+    for bad_a, bad_b in ((-A, B), (A, B - 2 * torch.linalg.eigvalsh(B).max() * torch.eye(D, dtype=B.dtype))):
+        post = KronPosterior(bad_a, bad_b, weight)
+        name = "A" if bad_a is not A else "B"
+        with pytest.raises(ValueError, match=f"'{name}' is not positive semi-definite"):
+            post.embed(phi)
+
+
+def test_from_bayesvlm_dir_names_damaged_factor_files(tmp_path, generator):
+    weight = torch.randn(D, P)
+    path = write_bayesvlm_dir(tmp_path / "factors", generator)
+    good = (path / "A_img_analytic.pt").read_bytes()
+    for cut in (len(good) // 2, 30, 0):  # truncated: torch.load fails with OSError, RuntimeError or EOFError
+        (path / "A_img_analytic.pt").write_bytes(good[:cut])
+        with pytest.raises(ValueError, match="A_img_analytic.pt is not a readable tensor file"):
+            KronPosterior.from_bayesvlm_dir(path, tower="img", weight=weight)
+    torch.save(torch.ones(P, P, dtype=torch.int64), path / "A_img_analytic.pt")
+    with pytest.raises(ValueError, match="A_img_analytic.pt holds a torch.int64 tensor"):
+        KronPosterior.from_bayesvlm_dir(path, tower="img", weight=weight)
+    torch.save(torch.full((P, P), float("nan")), path / "A_img_analytic.pt")
+    with pytest.raises(ValueError, match="A_img_analytic.pt contains NaN or Inf"):
+        KronPosterior.from_bayesvlm_dir(path, tower="img", weight=weight)
+
+
+def test_from_bayesvlm_dir_names_malformed_hyperparameter_json(tmp_path, generator):
+    weight = torch.randn(D, P)
+    path = write_bayesvlm_dir(tmp_path / "factors", generator)
+    json_file = path / "prior_precision_analytic.json"
+    cases = [
+        ('{"lambda_img": 3.5, "n_im', "is not valid JSON"),
+        (b"\xff\xfe{}", "is not valid JSON"),
+        ("[3.5, 2.0]", "must hold a JSON object, got list"),
+        ('{"lambda_img": "3.5", "n_img": 1}', "'lambda_img' '3.5'; expected a positive finite number"),
+        ('{"lambda_img": -1, "n_img": 1}', "'lambda_img' -1; expected a positive"),
+        ('{"lambda_img": 1, "n_img": true}', "'n_img' True; expected a positive"),
+        ('{"lambda_img": 1, "n_img": NaN}', "'n_img' nan; expected a positive"),
+    ]
+    for content, message in cases:
+        json_file.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(ValueError, match=f"prior_precision_analytic.json.*{message}"):
+            KronPosterior.from_bayesvlm_dir(path, tower="img", weight=weight)
+
+
+def test_load_names_damaged_or_inconsistent_files(tmp_path, generator):
+    from safetensors.torch import load_file, save_file
+
+    post, _ = make_posterior(generator, bias=True)
+    post.save(tmp_path / "good")
+    tensors = load_file(tmp_path / "good" / "posterior.safetensors")
+    config = json.loads((tmp_path / "good" / "posterior.json").read_text())
+
+    def saved(name, tensors=tensors, config=config, raw_tensors=None, raw_config=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        if raw_tensors is None:
+            save_file(tensors, folder / "posterior.safetensors")
+        else:
+            (folder / "posterior.safetensors").write_bytes(raw_tensors)
+        (folder / "posterior.json").write_text(json.dumps(config) if raw_config is None else raw_config)
+        return folder
+
+    good_bytes = (tmp_path / "good" / "posterior.safetensors").read_bytes()
+    cases = [
+        (saved("truncated", raw_tensors=good_bytes[:-9]), "posterior.safetensors is not a readable safetensors"),
+        (saved("header", raw_tensors=good_bytes[:20]), "posterior.safetensors is not a readable safetensors"),
+        (saved("json", raw_config='{"format": "bayesvlm_ext.KronPo'), "posterior.json is not valid JSON"),
+        (saved("list", raw_config="[]"), "posterior.json must hold a JSON object"),
+        (saved("key", config={k: v for k, v in config.items() if k != "damping"}), "lacks the key 'damping'"),
+        (saved("tensor", tensors={k: v for k, v in tensors.items() if k != "B"}), "lacks the tensor 'B'"),
+        (saved("dtype", tensors={**tensors, "A": tensors["A"].long()}), "holds 'A' as I64; expected a floating"),
+        (saved("sizes", config={**config, "out_features": D + 1}), "'out_features' 4, but 'weight'"),
+        (saved("A", tensors={**tensors, "A": torch.eye(P, dtype=torch.float64)}),
+         r"holds 'A' of shape \(4, 4\), but .*needs \(5, 5\)"),
+        (saved("nobias", config={**config, "has_bias": False}), r"holds 'A' of shape \(5, 5\), but .*needs \(4, 4\)"),
+        (saved("lam", config={**config, "prior_precision": -1.0}),
+         "does not hold a valid posterior.*'prior_precision'"),
+        (saved("nan", tensors={**tensors, "B": torch.full((D, D), float("nan"), dtype=torch.float64)}),
+         "does not hold a valid posterior.*'B' contains NaN"),
+    ]
+    for folder, message in cases:
+        with pytest.raises(ValueError, match=message):
+            KronPosterior.load(folder)

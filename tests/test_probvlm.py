@@ -3,6 +3,7 @@ distribution through the shared scoring stack."""
 
 import copy
 import itertools
+import json
 import math
 
 import pytest
@@ -332,6 +333,131 @@ def test_save_and_load_round_trip_exactly(trained, tmp_path):
         ProbVLM.load(tmp_path / "adapter")
     with pytest.raises(FileNotFoundError, match="missing file"):
         ProbVLM.load(tmp_path / "absent")
+
+
+# ---- finite or fail, damaged files (issue 15) ---------------------------------------------------------------
+
+def test_training_that_overflows_stops_with_an_error_instead_of_nan_weights(tmp_path):
+    # float32 embeddings of 1e20: the GGD term (|x - mu| / alpha)^beta = 1e40 overflows at the first batch.
+    image, text = paired_embeddings(64)
+    checkpoint = tmp_path / "checkpoint.pt"
+    with pytest.raises(ValueError, match=r"training diverged: the training loss of epoch 0, batch 0 is inf .*e\+19"):
+        train_probvlm(image * 1e20, text * 1e20, hidden=8, epochs=2, checkpoint=checkpoint, progress=False)
+    assert not checkpoint.exists()
+
+
+def test_non_finite_parameters_never_reach_the_best_state_or_the_checkpoint(tmp_path, monkeypatch):
+    # The guard at the end of an epoch: an update that leaves the loss finite but a parameter infinite (here
+    # forced after epoch 1's last step) stops the run; the checkpoint keeps epoch 0's finite state.
+    from bayesvlm_ext import probvlm
+
+    real_epoch = probvlm._train_epoch
+
+    def poisoned_epoch(model, optimizer, *args):
+        loss = real_epoch(model, optimizer, *args)
+        if args[-1] == 1:  # the epoch number
+            with torch.no_grad():
+                model.text.trunk_out.weight[0, 0] = float("inf")
+        return loss
+
+    monkeypatch.setattr(probvlm, "_train_epoch", poisoned_epoch)
+    image, text = paired_embeddings(64)
+    checkpoint = tmp_path / "checkpoint.pt"
+    with pytest.raises(ValueError, match="after epoch 1 the parameters text.trunk_out.weight hold NaN or Inf"):
+        train_probvlm(image, text, hidden=8, epochs=3, checkpoint=checkpoint, progress=False)
+    state = torch.load(checkpoint, weights_only=True)
+    assert len(json.loads(state["history"])["train_loss"]) == 1
+    assert all(bool(torch.isfinite(t).all()) for t in state["model"].values())
+
+
+def test_non_finite_embeddings_are_refused_naming_the_rows():
+    image, text = paired_embeddings(20)
+    text = text.clone()
+    text[3, 0], text[11, 5] = float("inf"), float("nan")
+    with pytest.raises(ValueError, match="'text' contains NaN or Inf in rows 3, 11"):
+        train_probvlm(image, text, hidden=8, epochs=1, progress=False)
+    val = image[:4].clone()
+    val[2, 2] = float("nan")
+    with pytest.raises(ValueError, match="'val_image' contains NaN or Inf in row 2"):
+        train_probvlm(image, text.nan_to_num(posinf=0.0), val_image=val, val_text=image[:4], hidden=8, epochs=1,
+                      progress=False)
+
+
+@pytest.fixture
+def saved_adapter(tmp_path):
+    image, text = paired_embeddings(40)
+    model, _ = train_probvlm(image, text, hidden=8, epochs=1, progress=False)
+    model.save(tmp_path / "good")
+    return model, tmp_path / "good"
+
+
+def _adapter_copy(source, target, *, config=None, tensors=None, raw_config=None, raw_tensors=None):
+    from safetensors.torch import save_file
+
+    target.mkdir()
+    (target / "probvlm.json").write_text(raw_config if raw_config is not None else json.dumps(config))
+    if raw_tensors is not None:
+        (target / "probvlm.safetensors").write_bytes(raw_tensors)
+    else:
+        save_file(tensors, target / "probvlm.safetensors")
+    return target
+
+
+def test_load_checks_the_configuration_against_the_stored_shapes_before_building(saved_adapter, tmp_path,
+                                                                                  monkeypatch):
+    from safetensors.torch import load_file
+
+    _, good = saved_adapter
+    config = json.loads((good / "probvlm.json").read_text())
+    tensors = load_file(good / "probvlm.safetensors")
+    # hidden = 1e9 would allocate 12 x 1e9 floats (and 1e18 for the hidden layer) before any check: every real
+    # Linear that large is an error here, so the test fails instead of exhausting the machine.
+    real_linear = torch.nn.Linear.__init__
+
+    def bounded_linear(self, in_features, out_features, *args, **kwargs):
+        if in_features * out_features > 10**7 and torch.get_default_device().type != "meta":
+            raise AssertionError(f"ProbVLM.load allocated a Linear({in_features}, {out_features}) before checking")
+        real_linear(self, in_features, out_features, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Linear, "__init__", bounded_linear)
+    huge = _adapter_copy(good, tmp_path / "huge", config={**config, "config": {**config["config"], "hidden": 10**9}},
+                         tensors=tensors)
+    with pytest.raises(ValueError, match=r"probvlm.safetensors holds '.*' of shape \(8, 12\), but .*probvlm.json .*"
+                                         r"needs \(1000000000, 12\)"):
+        ProbVLM.load(huge)
+    deeper = _adapter_copy(good, tmp_path / "deeper", config={**config, "config": {**config["config"], "depth": 2}},
+                           tensors=tensors)
+    with pytest.raises(ValueError, match=r"does not fit .*probvlm.json \(missing \['image.trunk_hidden.1.bias'"):
+        ProbVLM.load(deeper)
+
+
+def test_load_names_damaged_files(saved_adapter, tmp_path):
+    from safetensors.torch import load_file
+
+    _, good = saved_adapter
+    config = json.loads((good / "probvlm.json").read_text())
+    tensors = load_file(good / "probvlm.safetensors")
+    raw = (good / "probvlm.safetensors").read_bytes()
+    name = "image.trunk_in.weight"
+    cases = [
+        (dict(config=config, raw_tensors=raw[:-5]), "probvlm.safetensors is not a readable safetensors file"),
+        (dict(config=config, raw_tensors=raw[:7]), "probvlm.safetensors is not a readable safetensors file"),
+        (dict(raw_config='{"format": "bayesvlm_ext.Pro', tensors=tensors), "probvlm.json is not valid JSON"),
+        (dict(raw_config="[1, 2]", tensors=tensors), "probvlm.json must hold a JSON object"),
+        (dict(config={**config, "config": {k: v for k, v in config["config"].items() if k != "dim"}},
+              tensors=tensors), "probvlm.json is not a ProbVLM configuration \\('dim'\\)"),
+        (dict(config={**config, "config": [3]}, tensors=tensors), "'config' must be an object"),
+        (dict(config=config, tensors={k: v for k, v in tensors.items() if k != name}), f"missing \\['{name}'\\]"),
+        (dict(config=config, tensors={**tensors, name: tensors[name].to(torch.int32)}),
+         f"holds '{name}' as I32; expected a floating dtype"),
+        (dict(config=config, tensors={**tensors, name: tensors[name].double()}), "mixes dtypes \\['F32', 'F64'\\]"),
+        (dict(config=config, tensors={**tensors, name: torch.full_like(tensors[name], float("nan"))}),
+         f"holds NaN or Inf in '{name}'"),
+    ]
+    for number, (files, message) in enumerate(cases):
+        folder = _adapter_copy(good, tmp_path / f"case{number}", **files)
+        with pytest.raises(ValueError, match=f"ProbVLM.load: .*{message}"):
+            ProbVLM.load(folder)
 
 
 # ---- the shared stack: moments and retrieval ------------------------------------------------------------
