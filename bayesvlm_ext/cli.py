@@ -7,8 +7,13 @@
     bayesvlm-ext index --adapter ADAPTER --tower image --features EMBEDDINGS.safetensors --out INDEX
 
 PAIRS.jsonl holds one JSON object per line, {"image": PATH, "caption": TEXT}; relative image paths
-are read from the JSONL's folder. Lines that are not such objects, empty captions, missing and
-unreadable images are counted, reported and skipped; the run fails only when nothing is left.
+are read from the JSONL's folder. A line that is not UTF-8 or not such an object (an image that is a
+number or null), an empty caption, a missing image, or an image that fails to decode (truncated, over
+Pillow's decompression-bomb limit Image.MAX_IMAGE_PIXELS) or to preprocess is counted in summary.json's
+"skipped", reported on stderr as "line N: ...; skipped", and skipped; the run fails only when nothing is
+left. `--resume` checkpoints to DIR/checkpoint.pt and resumes only from a checkpoint made from the same
+pairs file (its sha256 and usable lines), model (name, --pretrained, --precision, --seed, a digest of its
+weights), likelihood, --class-batch-size and --batch-size; any other is refused, naming what differs.
 DIR receives `posterior_image/` and `posterior_text/` (KronPosterior.save, tuned prior precision)
 and `bayesvlm/`, the published factor format of SPEC.md section 10. Without --pretrained the
 model is random-initialised (for tests; its factors mean nothing).
@@ -30,29 +35,45 @@ OMP_NUM_THREADS=1; BLAS may round differently with other thread counts).
 file of paired embeddings "image" and "text" [N, D] and writes ADAPTER (ProbVLM.save, history.json).
 `index` and `retrieve` take `--adapter ADAPTER` in place of `--posterior DIR`: the features are then the
 embeddings themselves [N, D], embedded as diagonal Gaussians with the options `index` records.
+
+Outputs are checked before any work (a directory where a file goes, a device, FIFO or socket: exit 2,
+naming --out), written beside their target and renamed over it (bayesvlm_ext._files; a symlink is
+written through and stays a link), so a failed or interrupted run leaves the old file and no temporary
+one. `index` over an existing INDEX builds a new generation and switches index.json over only when it
+is complete: a failure (say, a non-finite feature, named by its row) keeps the old index serving, and
+`retrieve` searches one generation even while a rewrite runs (bayesvlm_ext.index).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import math
 import os
 import sys
 import time
+import warnings
 from collections import Counter
+from typing import NamedTuple
 
 import torch
 
-from ._validation import accumulation_dtype
+from ._files import atomic_open, output_directory, output_file, replacing, write_json
+from ._validation import LOGIT_SCALE_MAX, accumulation_dtype, check_finite_rows
 from .curvature import DEFAULT_CLASS_BATCH_SIZE, Likelihood, collective_device
 from .distribution import CovarianceForm, EmbeddingDistribution
-from .fit import TOWERS, ClassBatchSampler, fit_factors
-from .index import DEFAULT_SHARD_ROWS, IndexWriter, RetrievalIndex, open_index, open_safetensors, posterior_summary, \
-    search
+from .fit import TOWERS, ClassBatchSampler, fit_factors, weights_digest
+from .index import DEFAULT_SHARD_ROWS, IndexWriter, RetrievalIndex, first_non_finite_row, new_generation, open_index, \
+    open_safetensors, posterior_summary, search
+from .posterior import CONFIG_FILE as POSTERIOR_CONFIG
+from .posterior import TENSORS_FILE as POSTERIOR_TENSORS
 from .posterior import KronPosterior
 from .probvlm import (DEFAULT_DEPTH, DEFAULT_DROPOUT, DEFAULT_EMBED_OPTIONS, DEFAULT_HIDDEN, DEFAULT_LR, LossWeights,
                       MeanSource, ProbVLM, ProbVLMAdapter, Uncertainty, train_probvlm)
+from .probvlm import CONFIG_FILE as PROBVLM_CONFIG
+from .probvlm import TENSORS_FILE as PROBVLM_TENSORS
 from .retrieval import Score, merge_topk
 
 PUBLISHED_TOWER = {"image": "img", "text": "txt"}
@@ -60,64 +81,175 @@ OTHER_TOWER = {"image": "text", "text": "image"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-class PairsDataset(torch.utils.data.Dataset):
-    """Image-caption pairs from a JSONL file; an item is (pixels [3, H, W], tokens [L]) or None when unreadable."""
+class _LineProblem(Exception):
+    """Why one line (or image) of an input list gives no item: `reason` keys the skip counts, str() says what."""
 
-    def __init__(self, path: str, preprocess, tokenizer):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class _SkippedItem(NamedTuple):
+    """A dataset item standing for a pair whose image or caption failed when loaded (picklable for workers)."""
+
+    line: int
+    reason: str
+    message: str
+
+
+def _json_lines(path: str, digest=None):
+    """(line number, dict or _LineProblem) for each non-blank line of a JSONL file.
+
+    Read as bytes and decoded line by line, so a line that is not UTF-8 is one skipped line rather than a
+    UnicodeDecodeError that ends the run; `digest` (a hashlib object) sees every byte of the file."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if digest is not None:
+                digest.update(raw)
+            try:
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # editors may start a file with a BOM
+            except UnicodeDecodeError as error:
+                yield number, _LineProblem("not UTF-8", f"not UTF-8 text (byte {raw[error.start]:#04x} at column "
+                                                        f"{error.start + 1})")
+                continue
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except (ValueError, RecursionError) as error:  # RecursionError: absurdly nested brackets
+                detail = f"{error.msg} at column {error.colno}" if isinstance(error, json.JSONDecodeError) else \
+                    type(error).__name__
+                yield number, _LineProblem("malformed line", f"not JSON ({detail})")
+                continue
+            if not isinstance(record, dict):
+                yield number, _LineProblem("malformed line", f"not a JSON object (got {_json_text(record)})")
+                continue
+            yield number, record
+
+
+def _json_text(value, limit: int = 40) -> str:
+    """`value` as JSON wrote it (5, null, [1]), cut to `limit` characters, for messages about input lines."""
+    text = json.dumps(value, ensure_ascii=False, default=repr)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _listed_image(record: dict, folder: str) -> str:
+    """The image path a JSONL record names, relative paths taken from `folder`; _LineProblem when it names none."""
+    if "image" not in record:
+        raise _LineProblem("malformed line", 'no "image" key')
+    image = record["image"]
+    if not isinstance(image, str):
+        raise _LineProblem("malformed line", f"image is not a string (got {_json_text(image)})")
+    if not image.strip():
+        raise _LineProblem("malformed line", "image is an empty string")
+    return image if os.path.isabs(image) else os.path.join(folder, image)
+
+
+def _decoded_rgb(path: str):
+    """The image at `path` fully decoded (a truncated file fails here, not later) and converted to RGB.
+
+    Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) holds: above twice the limit Image.open raises
+    DecompressionBombError, and its warning between once and twice the limit is turned into an error too, so
+    such an image is skipped rather than decoded into gigabytes."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            return img.convert("RGB")
+
+
+def _failure(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+class PairsDataset(torch.utils.data.Dataset):
+    """Image-caption pairs from a JSONL file; an item is (pixels [3, H, W], tokens [L]), or a `_SkippedItem`
+    (line number, reason, message) when its image cannot be decoded or preprocessed, or its caption tokenised.
+
+    Lines that give no pair (not UTF-8, not a JSON object with a string "image" and "caption", an empty caption,
+    a missing image file) are counted in `skipped` by reason and passed to `report` as "line N: ...; skipped".
+    `lines[i]` is the line number of pair i. `sha256` digests the file's bytes and `usable_sha256` the list of
+    usable lines: together they tie a resumable fit's checkpoint to this data."""
+
+    def __init__(self, path: str, preprocess, tokenizer, report=lambda message: None):
         self.preprocess, self.tokenizer = preprocess, tokenizer
         self.skipped: Counter = Counter()
         self.pairs: list[tuple[str, str]] = []
+        self.lines: list[int] = []
         folder = os.path.dirname(os.path.abspath(path))
-        with open(path) as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    image, caption = record["image"], record["caption"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    self.skipped["malformed line"] += 1
-                    continue
-                if not isinstance(caption, str) or not caption.strip():
-                    self.skipped["empty caption"] += 1
-                    continue
-                image = image if os.path.isabs(image) else os.path.join(folder, image)
+        digest = hashlib.sha256()
+        for number, record in _json_lines(path, digest):
+            try:
+                if isinstance(record, _LineProblem):
+                    raise record
+                image = _listed_image(record, folder)
+                if "caption" not in record:
+                    raise _LineProblem("malformed line", 'no "caption" key')
+                caption = record["caption"]
+                if not isinstance(caption, str):
+                    raise _LineProblem("malformed line", f"caption is not a string (got {_json_text(caption)})")
+                if not caption.strip():
+                    raise _LineProblem("empty caption", "the caption is empty")
                 if not os.path.isfile(image):
-                    self.skipped["missing image"] += 1
-                    continue
-                self.pairs.append((image, caption))
+                    raise _LineProblem("missing image", f"image {image}: no such file")
+            except _LineProblem as problem:
+                self.skipped[problem.reason] += 1
+                report(f"line {number}: {problem}; skipped")
+                continue
+            self.pairs.append((image, caption))
+            self.lines.append(number)
+        self.sha256 = digest.hexdigest()
+        self.usable_sha256 = hashlib.sha256(json.dumps(self.lines).encode()).hexdigest()
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int):
-        from PIL import Image, UnidentifiedImageError
-
         image, caption = self.pairs[index]
         try:
-            with Image.open(image) as img:
-                pixels = self.preprocess(img.convert("RGB"))
-        except (OSError, UnidentifiedImageError, ValueError):
-            return None
-        return pixels, self.tokenizer([caption])[0]
+            pixels = self.preprocess(_decoded_rgb(image))
+        except Exception as error:  # whatever one image does (bomb, truncation, preprocess), it costs only its pair
+            return _SkippedItem(self.lines[index], "unreadable image", f"image {image}: cannot be read "
+                                                                       f"({_failure(error)})")
+        try:
+            tokens = self.tokenizer([caption])[0]
+        except Exception as error:
+            return _SkippedItem(self.lines[index], "unusable caption", f"caption cannot be tokenised "
+                                                                       f"({_failure(error)})")
+        return pixels, tokens
 
 
 class _SkippingLoader:
-    """Yields (pixels, tokens) batches without the unreadable items and counts them."""
+    """Yields (pixels, tokens) batches without the pairs that failed to load; counts them by reason and reports
+    each with its line number through `report`."""
 
-    def __init__(self, loader, counter: Counter):
-        self.loader, self.counter = loader, counter
+    def __init__(self, loader, counter: Counter, report=lambda message: None):
+        self.loader, self.counter, self.report = loader, counter, report
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
         for items in self.loader:
-            good = [item for item in items if item is not None]
-            if len(good) < len(items):
-                self.counter["unreadable image"] += len(items) - len(good)
+            good = []
+            for item in items:
+                if isinstance(item, _SkippedItem):
+                    self.counter[item.reason] += 1
+                    self.report(f"line {item.line}: {item.message}; skipped")
+                else:
+                    good.append(item)
             if good:
                 yield torch.stack([g[0] for g in good]), torch.stack([g[1] for g in good])
+
+
+def _pretrained_identity(pretrained: str | None):
+    """--pretrained as a resumable fit records it: a tag as given, a checkpoint file by its name and size (so a
+    moved file still matches; the model weights' digest catches a changed one)."""
+    if pretrained is not None and os.path.isfile(pretrained):
+        return {"file": os.path.basename(pretrained), "bytes": os.path.getsize(pretrained)}
+    return pretrained
 
 
 def _start_distributed(device: torch.device) -> tuple[int, int, torch.device]:
@@ -161,6 +293,7 @@ def fit_command(args: argparse.Namespace) -> int:
 
 def _fit(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> int:
     import open_clip
+    from tqdm.auto import tqdm
 
     say = print if rank == 0 else (lambda *a, **k: None)
     pretrained = args.pretrained
@@ -173,54 +306,71 @@ def _fit(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     tokenizer = open_clip.get_tokenizer(args.model)
     likelihood = args.likelihood or ("siglip" if "siglip" in args.model.lower() else "infonce")
 
-    dataset = PairsDataset(args.pairs, preprocess, tokenizer)
+    # Every rank reads the same file and finds the same bad lines: rank 0 reports them.
+    dataset = PairsDataset(args.pairs, preprocess, tokenizer, report=lambda message: say(message, file=sys.stderr))
     skipped = dataset.skipped
     if len(dataset) == 0:  # every rank reads the same file, so every rank stops here
         say(f"error: no usable pairs in {args.pairs} (skipped: {dict(skipped)})", file=sys.stderr)
         return 1
+    fingerprint = None
+    if args.resume:  # what the checkpoint must have been made from; fit_factors adds its own settings
+        fingerprint = {"pairs_sha256": dataset.sha256, "usable_lines_sha256": dataset.usable_sha256,
+                       "pairs": len(dataset), "model": args.model, "pretrained": _pretrained_identity(pretrained),
+                       "precision": args.precision, "seed": args.seed if pretrained is None else None,
+                       "batch_size": args.batch_size, "model_weights": weights_digest(model)}
+    # Images fail while loading, on the rank that loads them: each rank reports its own.
+    prefix = f"rank {rank}: " if world > 1 else ""
+
+    def loader_report(message: str) -> None:
+        tqdm.write(prefix + message, file=sys.stderr)  # between the progress bar's updates, not through them
+
     # Loader batches inside class batches: the same forward batches with one process or several.
     sampler = ClassBatchSampler(len(dataset), args.class_batch_size, args.batch_size, rank, world)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, collate_fn=list)
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
     try:
-        fits = fit_factors(model, _SkippingLoader(loader, skipped), likelihood=likelihood,
+        fits = fit_factors(model, _SkippingLoader(loader, skipped, loader_report), likelihood=likelihood,
                            class_batch_size=args.class_batch_size, device=device,
                            checkpoint=os.path.join(args.out, "checkpoint.pt") if args.resume else None,
-                           progress=not args.quiet, distributed=world > 1)
+                           fingerprint=fingerprint, progress=not args.quiet, distributed=world > 1)
     except ValueError as error:  # e.g. every image unreadable; the same on every rank after the reduction
         say(f"error: {error} (skipped: {dict(skipped)})", file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - start
-    skipped = _sum_over_ranks(skipped, ("unreadable image",), world)
+    skipped = _sum_over_ranks(skipped, ("unreadable image", "unusable caption"), world)
     if rank != 0:
         return 0
 
-    published = os.path.join(args.out, "bayesvlm")
-    os.makedirs(published, exist_ok=True)
     hyper, summary = {}, {"pairs": fits["image"].count, "skipped": dict(skipped), "seconds": elapsed,
                           "likelihood": likelihood, "processes": world, "pseudo_count": args.pseudo_count,
                           "towers": {}}
-    for tower in TOWERS:
-        fit = fits[tower]
-        posterior = KronPosterior(fit.A, fit.B, fit.weight, fit.bias, pseudo_count=args.pseudo_count,
-                                  damping=args.damping)
-        lam = posterior.optimize_prior_precision()
+    posteriors = {}
+    try:  # every posterior and its lambda before any file: a fit without curvature writes nothing
+        for tower in TOWERS:
+            fit = fits[tower]
+            posteriors[tower] = KronPosterior(fit.A, fit.B, fit.weight, fit.bias, pseudo_count=args.pseudo_count,
+                                              damping=args.damping)
+            lam = posteriors[tower].optimize_prior_precision()
+            short = PUBLISHED_TOWER[tower]
+            hyper[f"lambda_{short}"], hyper[f"n_{short}"] = lam, posteriors[tower].pseudo_count
+            report = posteriors[tower].factor_report
+            summary["towers"][tower] = {
+                "A_eigenvalues": [report["A"].min_eigenvalue, report["A"].max_eigenvalue],
+                "B_eigenvalues": [report["B"].min_eigenvalue, report["B"].max_eigenvalue],
+                "prior_precision": lam,
+            }
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    published = os.path.join(args.out, "bayesvlm")
+    for tower, posterior in posteriors.items():  # each file written aside and renamed (bayesvlm_ext._files)
         posterior.save(os.path.join(args.out, f"posterior_{tower}"))
-        short = PUBLISHED_TOWER[tower]
-        for name, factor in (("A", fit.A), ("B", fit.B)):
-            torch.save(factor.float().cpu().contiguous(), os.path.join(published, f"{name}_{short}_analytic.pt"))
-        hyper[f"lambda_{short}"], hyper[f"n_{short}"] = lam, posterior.pseudo_count
-        report = posterior.factor_report
-        summary["towers"][tower] = {
-            "A_eigenvalues": [report["A"].min_eigenvalue, report["A"].max_eigenvalue],
-            "B_eigenvalues": [report["B"].min_eigenvalue, report["B"].max_eigenvalue],
-            "prior_precision": lam,
-        }
-    with open(os.path.join(published, "prior_precision_analytic.json"), "w") as f:
-        json.dump(hyper, f, indent=2)
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+        for name, factor in (("A", fits[tower].A), ("B", fits[tower].B)):
+            with replacing(os.path.join(published, f"{name}_{PUBLISHED_TOWER[tower]}_analytic.pt"), "--out") as temp:
+                torch.save(factor.float().cpu().contiguous(), temp)
+    write_json(os.path.join(published, "prior_precision_analytic.json"), hyper, "--out")
+    write_json(os.path.join(args.out, "summary.json"), summary, "--out")
     print(f"fitted {summary['pairs']} pairs in {elapsed:.1f} s ({likelihood}, {world} process"
           f"{'es' if world > 1 else ''}); skipped: {dict(skipped) or 'none'}")
     for tower, info in summary["towers"].items():
@@ -308,7 +458,13 @@ class _FeatureFile:
 
 class _ImageFeatures:
     """The features entering the image projection of an open_clip model, computed on demand for rows of an
-    image list: a JSONL of {"image": PATH} (relative paths from the file's folder) or a folder of images."""
+    image list: a JSONL of {"image": PATH} (relative paths from the file's folder) or a folder of images.
+
+    Rows are the usable images in list order. Shards are laid out by row ranges before any is read, so a
+    first pass decides which images are usable: every listed image is decoded once (under Pillow's
+    decompression-bomb limit); malformed lines, missing and undecodable images are counted in `skipped`,
+    reported with their line number and left out. Under torch.distributed the ranks share that pass and
+    agree on its result. An image that passed it but fails while its shard is read is an error."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device, say):
         import open_clip
@@ -316,10 +472,25 @@ class _ImageFeatures:
         from .capture import find_projection
         from .fit import unnormalised_encoder
 
-        self.paths, self.ids = _image_list(args.images)
-        missing = [p for p in self.paths if not os.path.isfile(p)]
-        if missing:
-            raise CommandError(f"--images {args.images}: {len(missing)} missing image(s), e.g. {missing[0]}")
+        def report(message: str) -> None:
+            say(f"--images {args.images}: {message}", file=sys.stderr)
+
+        paths, ids, places, self.skipped = _image_list(args.images, report)
+        listed = len(paths) + sum(self.skipped.values())
+        problems = _unusable_images(paths)
+        for i in sorted(problems):
+            reason, message = problems[i]
+            self.skipped[reason] += 1
+            report(f"{places[i]}: {message}; skipped")
+        usable = [i for i in range(len(paths)) if i not in problems]
+        self.paths, self.ids, self.places = ([items[i] for i in usable] for items in (paths, ids, places))
+        if not self.paths:
+            raise CommandError(f"--images {args.images}: no usable images among {listed} listed (skipped: "
+                               f"{dict(self.skipped)})")
+        if self.skipped:
+            report(f"skipped {sum(self.skipped.values())} of {listed} listed images ({dict(self.skipped)}); the index "
+                   f"holds the other {len(self.paths)}")
+        self.source = args.images
         torch.manual_seed(args.seed)  # without --pretrained every rank must draw the same random model
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(
             args.model, pretrained=args.pretrained, device=device, precision=args.precision)
@@ -338,19 +509,17 @@ class _ImageFeatures:
         return len(self.paths)
 
     def read(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:  # [n, P], [n, D] or None
-        from PIL import Image, UnidentifiedImageError
-
         from .capture import capture
 
         features, residuals = [], []
         for b0 in range(start, stop, self.batch_size):
             pixels = []
-            for path in self.paths[b0:min(b0 + self.batch_size, stop)]:
+            for row in range(b0, min(b0 + self.batch_size, stop)):
                 try:
-                    with Image.open(path) as img:
-                        pixels.append(self.preprocess(img.convert("RGB")))
-                except (OSError, UnidentifiedImageError, ValueError) as error:
-                    raise CommandError(f"--images: cannot read {path} ({error})") from None
+                    pixels.append(self.preprocess(_decoded_rgb(self.paths[row])))
+                except Exception as error:  # the rows are laid out: skipping one now would shift every later id
+                    raise CommandError(f"--images {self.source}: {self.places[row]}: cannot be read or preprocessed "
+                                       f"although the first pass decoded it ({_failure(error)})") from None
             with torch.no_grad():
                 captured = capture(self.encode, torch.stack(pixels).to(self.device), self.site)
             features.append(captured.features.float().cpu())
@@ -359,31 +528,59 @@ class _ImageFeatures:
         return torch.cat(features), torch.cat(residuals) if residuals else None
 
 
-def _image_list(source: str) -> tuple[list[str], list[str]]:
-    """(absolute paths, ids as written) of a JSONL of {"image": PATH} or of the image files in a folder."""
+def _image_list(source: str, report) -> tuple[list[str], list[str], list[str], Counter]:
+    """(absolute paths, ids as written, where each was listed, skip counts) of the images a JSONL of
+    {"image": PATH} or a folder lists; a JSONL line that names no image is counted, passed to `report` as
+    "line N: ...; skipped" and left out."""
+    skipped: Counter = Counter()
     if os.path.isdir(source):
         names = sorted(n for n in os.listdir(source) if n.lower().endswith(IMAGE_SUFFIXES))
         if not names:
             raise CommandError(f"--images {source}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-        return [os.path.join(source, n) for n in names], names
+        paths = [os.path.join(source, n) for n in names]
+        return paths, names, [f"image {p}" for p in paths], skipped
     folder = os.path.dirname(os.path.abspath(source))
-    paths, ids = [], []
-    with open(source) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                image = json.loads(line)["image"]
-                if not isinstance(image, str) or not image:
-                    raise TypeError
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise CommandError(f"--images {source}: line {number} is not a JSON object with an \"image\" path; "
-                                   "an index needs every line (rows are numbered by line)") from None
-            paths.append(image if os.path.isabs(image) else os.path.join(folder, image))
-            ids.append(image)
-    if not paths:
+    paths, ids, places = [], [], []
+    for number, record in _json_lines(source):
+        try:
+            if isinstance(record, _LineProblem):
+                raise record
+            path = _listed_image(record, folder)
+        except _LineProblem as problem:
+            skipped[problem.reason] += 1
+            report(f"line {number}: {problem}; skipped")
+            continue
+        paths.append(path)
+        ids.append(record["image"])
+        places.append(f"line {number}: image {path}")
+    if not paths and not skipped:
         raise CommandError(f"--images {source}: no images listed")
-    return paths, ids
+    return paths, ids, places, skipped
+
+
+def _unusable_images(paths: list[str]) -> dict[int, tuple[str, str]]:
+    """{position: (reason, message)} of the images in `paths` that are missing or fail to decode fully
+    (not an image, truncated, over Pillow's decompression-bomb limit).
+
+    Under torch.distributed each rank decodes every K-th image and the findings are gathered, so every rank
+    holds the same answer (and lays out the same rows) for 1/K of the decoding."""
+    import torch.distributed as dist
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    problems = {}
+    for i in range(rank, len(paths), world):
+        if not os.path.isfile(paths[i]):
+            problems[i] = ("missing image", "no such file")
+            continue
+        try:
+            _decoded_rgb(paths[i])
+        except Exception as error:  # whatever one image does, it costs only its row
+            problems[i] = ("unreadable image", f"cannot be read ({_failure(error)})")
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, problems)
+        problems = {i: problem for part in gathered for i, problem in part.items()}
+    return problems
 
 
 def _block(count: int, rank: int, world: int) -> range:
@@ -422,6 +619,7 @@ def _index(args: argparse.Namespace, rank: int, world: int, device: torch.device
 
     say = print if rank == 0 else (lambda *a, **k: None)
     start_time = time.perf_counter()
+    generation = _shared_generation(rank, world)  # every rank writes its shards into this one new folder
     try:  # every rank reads the same inputs, so every rank fails here alike
         gallery_posterior, query_posterior, where = _load_models(args, args.tower)
         embed_options = None
@@ -454,13 +652,12 @@ def _index(args: argparse.Namespace, rank: int, world: int, device: torch.device
             dtype = accumulation_dtype(source.features.dtype)
         writer = IndexWriter.for_posteriors(args.out, gallery_posterior, query_posterior, len(source), dtype,
                                             embed_options, shard_rows=args.shard_rows, ids=ids, tower=args.tower,
-                                            logit_scale=logit_scale, logit_bias=logit_bias)
+                                            logit_scale=logit_scale, logit_bias=logit_bias, generation=generation)
     except (CommandError, ValueError, OSError) as error:
         say(f"error: {error}", file=sys.stderr)
         return 1
-    if rank == 0:
-        writer.discard_manifest()
-    _all_ok(True, world)  # a barrier: no rank writes shards into a directory whose old index.json still opens
+    # The shards go to a new generation folder; the index already at --out serves until rank 0's `finish`
+    # switches index.json over, and every failure path below removes the new folder (writer.abort).
     mine = _block(writer.num_shards, rank, world)
     failure = None
     bar = tqdm(total=sum(stop - start for start, stop in writer.ranges[mine.start:mine.stop]), unit="item",
@@ -469,24 +666,75 @@ def _index(args: argparse.Namespace, rank: int, world: int, device: torch.device
         for number in mine:
             start, stop = writer.shard_range(number)
             phi, residual = source.read(start, stop)
+            for name, values in (("feature", phi), ("residual", residual)):
+                row = first_non_finite_row(values)
+                if row is not None:
+                    raise CommandError(f"{option} {args.features or args.images}: the {name} row of gallery item "
+                                       f"{start + row} holds Inf or NaN; an index needs finite features (an index "
+                                       f"already at --out is kept)")
             writer.embed_shard(number, phi, residual, batch_size=args.batch_size)
             bar.update(stop - start)
     except (CommandError, ValueError, OSError) as error:
         failure = str(error)
-    bar.close()
-    if not _all_ok(failure is None, world):
+    except BaseException:  # Ctrl-C: no half-written generation stays behind
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    if not _all_ok(failure is None, world):  # collective: after it no rank writes into the generation any more
         if failure is not None:
             print(f"error: {failure}" + (f" (rank {rank})" if world > 1 else ""), file=sys.stderr)
+        if rank == 0:
+            writer.abort()
         return 1
     if rank != 0:
         return 0
-    writer.finish()
+    try:
+        writer.finish()
+    except (ValueError, OSError) as error:
+        writer.abort()
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except BaseException:
+        writer.abort()
+        raise
     elapsed = time.perf_counter() - start_time
     print(f"indexed {len(source)} {args.tower} items ({writer.form.value} form, D = {writer.dim}, "
           f"{str(writer.dtype).replace('torch.', '')}) in {writer.num_shards} shard"
           f"{'s' if writer.num_shards > 1 else ''}, {elapsed:.1f} s ({world} process{'es' if world > 1 else ''}); "
           f"wrote {args.out}/")
     return 0
+
+
+def _shared_generation(rank: int, world: int) -> str:
+    """A new index generation name (index.new_generation), picked by rank 0 and sent to every rank."""
+    return _rank0_name(new_generation() if rank == 0 else "", world)
+
+
+def _rank0_name(name: str, world: int) -> str:
+    """Rank 0's `name` (ASCII, at most 128 characters) on every rank: a broadcast."""
+    if world == 1:
+        return name
+    import torch.distributed as dist
+
+    width = 128  # bytes: more than any generation name; a collective needs one shape on every rank
+    codes = torch.zeros(width, dtype=torch.int64)
+    if name:
+        codes[:len(name)] = torch.tensor(list(name.encode("ascii")), dtype=torch.int64)
+    codes = codes.to(collective_device(None))
+    dist.broadcast(codes, src=0)
+    return bytes(c for c in codes.cpu().tolist() if c).decode("ascii")
+
+
+def _open_one_generation(directory: str, world: int) -> RetrievalIndex:
+    """open_index on every rank, all of the same generation: a rewrite that switches index.json between the
+    ranks' opens would otherwise have them search (and merge) two different galleries."""
+    for _ in range(3):
+        index = open_index(directory)
+        mine = index.generation or ""  # "" for a version 1 index
+        if _all_ok(_rank0_name(mine, world) == mine, world):
+            return index
+    raise CommandError(f"--index {directory} was rewritten while the ranks opened it, three times; run again")
 
 
 def _matches(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -547,7 +795,7 @@ def _retrieve(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     say = print if rank == 0 else (lambda *a, **k: None)
     start_time = time.perf_counter()
     try:  # every rank reads the same inputs, so every rank fails here alike
-        index = open_index(args.index)
+        index = _open_one_generation(args.index, world)  # a snapshot: later rewrites do not change it
         if index.tower is None:
             raise CommandError(f"--index {args.index} names no tower (built in Python without tower=); rebuild it "
                                "with `bayesvlm-ext index` or build_index(..., tower=)")
@@ -581,44 +829,49 @@ def _retrieve(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     k, cross_shared = args.k, index.shared.get("cross_shared")
     blocks = [_block(len(index.shards), r, world) for r in range(world)]
     counts = [min(k, sum(len(index.shards[n]) for n in block)) for block in blocks]  # columns each rank returns
-    temporary = f"{args.out}.tmp{os.getpid()}"
-    out = None
-    if rank == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        out = open(temporary, "w")
-    bar = tqdm(total=len(queries), unit="query", disable=args.quiet or rank != 0, desc="retrieving")
-    for b0 in range(0, len(queries), args.batch_size):
-        b1 = min(b0 + args.batch_size, len(queries))
-        phi, residual = queries.read(b0, b1)
-        if accumulation_dtype(phi.dtype) != index.dtype:
-            phi = phi.to(index.dtype)  # queries are embedded in the index's dtype, like its cached statistics
-        with torch.no_grad():
-            if embed_options is not None:
-                embedded = query_posterior.embed(phi, **embed_options)
-            else:
-                embedded = query_posterior.embed(phi, None if residual is None else residual.to(phi.dtype))
-        if cross_shared is not None and embedded.form is CovarianceForm.KRON:
-            # The index's copy of this tower's B^-1 (checked to match): its cached cross_quad then applies as is.
-            embedded = EmbeddingDistribution(embedded.mean, embedded.form, alpha=embedded.alpha, shared=cross_shared,
-                                             shared_eigvals=embedded.shared_eigvals, basis=embedded.basis)
-        result = search(index, embedded, k, args.score, args.kappa, logit_scale=logit_scale, logit_bias=logit_bias,
-                        shards=blocks[rank])
-        if world > 1:
-            parts = _gather_topk(result, counts, k, rank, world)
-            result = merge_topk(parts, k, args.score, args.kappa) if rank == 0 else None
-        if rank == 0:
-            values, rows, mean, var = result
-            query_ids = list(range(b0, b1)) if queries.ids is None else queries.ids[b0:b1].tolist()
-            item_ids = index.ids_of(rows)
-            for i, query_id in enumerate(query_ids):
-                out.write(json.dumps({"query": query_id, "ids": item_ids[i], "scores": values[i].tolist(),
-                                      "mean": mean[i].tolist(), "variance": var[i].tolist()}) + "\n")
-        bar.update(b1 - b0)
-    bar.close()
+    try:  # rank 0 writes beside --out and renames at the end: a failure leaves the old --out and no temporary file
+        with contextlib.ExitStack() as stack:
+            out = stack.enter_context(atomic_open(args.out, "w", "--out")) if rank == 0 else None
+            bar = stack.enter_context(tqdm(total=len(queries), unit="query", disable=args.quiet or rank != 0,
+                                           desc="retrieving"))
+            for b0 in range(0, len(queries), args.batch_size):
+                b1 = min(b0 + args.batch_size, len(queries))
+                phi, residual = queries.read(b0, b1)
+                for name, values in (("feature", phi), ("residual", residual)):
+                    row = first_non_finite_row(values)  # every rank reads the same queries: all stop here alike
+                    if row is not None:
+                        raise CommandError(f"--queries {args.queries}: the {name} row of query {b0 + row} holds Inf "
+                                           "or NaN; every query needs finite features")
+                if accumulation_dtype(phi.dtype) != index.dtype:
+                    phi = phi.to(index.dtype)  # queries are embedded in the index's dtype, like its cached statistics
+                with torch.no_grad():
+                    if embed_options is not None:
+                        embedded = query_posterior.embed(phi, **embed_options)
+                    else:
+                        embedded = query_posterior.embed(phi, None if residual is None else residual.to(phi.dtype))
+                if cross_shared is not None and embedded.form is CovarianceForm.KRON:
+                    # The index's copy of this tower's B^-1 (checked to match): its cached cross_quad then applies.
+                    embedded = EmbeddingDistribution(embedded.mean, embedded.form, alpha=embedded.alpha,
+                                                     shared=cross_shared, shared_eigvals=embedded.shared_eigvals,
+                                                     basis=embedded.basis)
+                result = search(index, embedded, k, args.score, args.kappa, logit_scale=logit_scale,
+                                logit_bias=logit_bias, shards=blocks[rank])
+                if world > 1:
+                    parts = _gather_topk(result, counts, k, rank, world)
+                    result = merge_topk(parts, k, args.score, args.kappa) if rank == 0 else None
+                if rank == 0:
+                    values, rows, mean, var = result
+                    query_ids = list(range(b0, b1)) if queries.ids is None else queries.ids[b0:b1].tolist()
+                    item_ids = index.ids_of(rows)
+                    for i, query_id in enumerate(query_ids):
+                        out.write(json.dumps({"query": query_id, "ids": item_ids[i], "scores": values[i].tolist(),
+                                              "mean": mean[i].tolist(), "variance": var[i].tolist()}) + "\n")
+                bar.update(b1 - b0)
+    except (CommandError, ValueError, OSError) as error:
+        say(f"error: {error}", file=sys.stderr)
+        return 1
     if rank != 0:
         return 0
-    out.close()
-    os.replace(temporary, args.out)
     elapsed = time.perf_counter() - start_time
     print(f"retrieved the top {k} of {len(index)} {index.tower} items by '{args.score}' for {len(queries)} queries in "
           f"{elapsed:.1f} s ({world} process{'es' if world > 1 else ''}); wrote {args.out}")
@@ -655,6 +908,11 @@ def _gather_topk(result, counts: list[int], k: int, rank: int, world: int):
 def probvlm_train_command(args: argparse.Namespace) -> int:
     try:
         tensors = _embedding_pairs(args.embeddings)
+        for name, t in tensors.items():  # refused up front, naming the file's tensor and rows, before any training
+            try:
+                check_finite_rows(name, t)
+            except ValueError as error:
+                raise CommandError(f"--embeddings {args.embeddings}: {error}") from None
         weights = LossWeights(args.l1_weight, args.nll_weight, args.cross_weight)
     except (CommandError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -668,8 +926,8 @@ def probvlm_train_command(args: argparse.Namespace) -> int:
             weights=weights, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
             seed=args.seed, checkpoint=os.path.join(args.out, "checkpoint.pt") if args.resume else None,
             progress=not args.quiet, device=device)
-    except ValueError as error:  # e.g. a checkpoint of another run, too few pairs to hold out validation
-        print(f"error: {error}", file=sys.stderr)
+    except ValueError as error:  # a checkpoint of another run, too few pairs, training that diverged (non-finite)
+        print(f"error: {error}", file=sys.stderr)  # nothing of the adapter is written: no half-trained model
         return 1
     model.cpu().save(args.out)
     summary = {"pairs": tensors["image"].shape[0], "dim": model.dim, "epochs": len(history.train_loss),
@@ -679,8 +937,7 @@ def probvlm_train_command(args: argparse.Namespace) -> int:
                "settings": {name: getattr(args, name) for name in (
                    "val_fraction", "hidden", "depth", "dropout", "epochs", "patience", "batch_size", "lr",
                    "l1_weight", "nll_weight", "cross_weight", "seed")}}
-    with open(os.path.join(args.out, "history.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json(os.path.join(args.out, "history.json"), summary, "--out")
     print(f"trained ProbVLM on {summary['pairs']} pairs (D = {model.dim}) for {summary['epochs']} epochs in "
           f"{history.seconds:.1f} s{' (stopped early)' if history.stopped_early else ''}; best validation loss "
           f"{summary['best_val_loss']:.6g} at epoch {history.best_epoch}; wrote {args.out}/")
@@ -752,7 +1009,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="n of SPEC.md section 2, tempering the curvature; lambda is tuned at this n")
     fit.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     fit.add_argument("--precision", default="fp32", help="open_clip precision, e.g. fp32, bf16")
-    fit.add_argument("--resume", action="store_true", help="checkpoint to DIR/checkpoint.pt and resume from it")
+    fit.add_argument("--resume", action="store_true", help="checkpoint to DIR/checkpoint.pt and resume from it (only "
+                                                           "a checkpoint of the same pairs, model and settings)")
     fit.add_argument("--seed", type=int, default=0, help="seeds the random initialisation when there is no --pretrained")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -838,11 +1096,17 @@ def main(argv: list[str] | None = None) -> int:
         return probvlm_train_command(_checked_train_args(args))
     for name in ("class_batch_size", "batch_size"):
         if getattr(args, name) < 1:
-            build_parser().error(f"--{name.replace('_', '-')} must be at least 1")
+            build_parser().error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.workers < 0:
+        build_parser().error(f"--workers must be at least 0 (0: load in the main process), got {args.workers}")
     if not args.pseudo_count > 0 or args.pseudo_count == float("inf"):
         build_parser().error(f"--pseudo-count must be a positive finite number, got {args.pseudo_count}")
     if not os.path.isfile(args.pairs):
         build_parser().error(f"--pairs {args.pairs}: no such file")
+    fit_files = ["summary.json", "bayesvlm/prior_precision_analytic.json"]
+    fit_files += [f"bayesvlm/{name}_{short}_analytic.pt" for name in "AB" for short in PUBLISHED_TOWER.values()]
+    fit_files += [f"posterior_{tower}/{name}" for tower in TOWERS for name in (POSTERIOR_TENSORS, POSTERIOR_CONFIG)]
+    _check_output_directory(build_parser(), args.out, fit_files)
     return fit_command(args)
 
 
@@ -872,6 +1136,8 @@ def _checked_index_args(args: argparse.Namespace) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    _check_logit_scale_option(parser, args.logit_scale)
+    _check_output_directory(parser, args.out, ["index.json"])
     return args
 
 
@@ -884,12 +1150,35 @@ def _checked_retrieve_args(args: argparse.Namespace) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    _check_logit_scale_option(parser, args.logit_scale)
     if not os.path.isdir(args.index):
         parser.error(f"--index {args.index}: no such directory")
     _check_model_directory(parser, args)
     if not os.path.isfile(args.queries):
         parser.error(f"--queries {args.queries}: no such file")
+    try:  # before any work: a directory, FIFO or device at --out would otherwise fail (or be replaced) at the end
+        output_file(args.out, "--out", create=False)
+    except ValueError as error:
+        parser.error(str(error))
     return args
+
+
+def _check_output_directory(parser: argparse.ArgumentParser, out: str, files: list[str]) -> None:
+    """parser.error naming --out unless `out` is (or can be made) a directory and each of `files` in it (paths
+    relative to it) can be replaced by a regular file: checked before any work, nothing created."""
+    try:
+        output_directory(out, "--out", create=False)
+        for name in files:
+            output_file(os.path.join(out, name), "--out", create=False)
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def _check_logit_scale_option(parser: argparse.ArgumentParser, value: float | None) -> None:
+    """--logit-scale within the API's bound (s^2 finite in float32), refused here before any work is done."""
+    if value is not None and value > LOGIT_SCALE_MAX:
+        parser.error(f"--logit-scale (log s) must be at most {LOGIT_SCALE_MAX:g}, got {value:g}: the logit variances "
+                     "carry s^2, which overflows float32 beyond that (trained models have log s <= log 100 = 4.6)")
 
 
 def _check_model_directory(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -915,6 +1204,7 @@ def _checked_train_args(args: argparse.Namespace) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     if not os.path.isfile(args.embeddings):
         parser.error(f"--embeddings {args.embeddings}: no such file")
+    _check_output_directory(parser, args.out, ["history.json", PROBVLM_TENSORS, PROBVLM_CONFIG])
     return args
 
 

@@ -7,7 +7,11 @@ embeddings; text tower the other way round). Pairs are grouped exactly as `kfac_
 the concatenated tensors, so both give the same sums. With `checkpoint=PATH` the sums, the pairs
 waiting for a full class batch and the number of loader batches consumed are saved every
 `checkpoint_every` batches; a later call with the same path resumes and ends with the same factors as
-an uninterrupted run (the loader must yield the same batches in the same order).
+an uninterrupted run (the loader must yield the same batches in the same order). The checkpoint records
+what it was made from: the likelihood, class batch size, logit scale and bias, a digest of both
+projections' weights, the loader's length and the caller's `fingerprint` (e.g. a digest of the data
+file, the model's name and settings, the batch size); a checkpoint that differs in any of them is
+refused with a ValueError naming what differs, and so is a damaged one.
 
 Distributed (under `torchrun`, any backend): each rank passes a loader over its own share of the
 class batches, built with `ClassBatchSampler` (class batches r, r + K, ... of K ranks, loader batches
@@ -18,7 +22,9 @@ single-process factors, up to float64 summation order. Checkpoints are then per 
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
+import json
 import math
 import os
 from typing import Callable
@@ -31,10 +37,10 @@ from tqdm.auto import tqdm
 from .capture import ProjectionSite, capture, find_projection
 from .curvature import DEFAULT_CLASS_BATCH_SIZE, FactorAccumulator, Likelihood, collective_device, distributed_rank
 
-__all__ = ["TowerFactors", "ClassBatchSampler", "fit_factors"]
+__all__ = ["TowerFactors", "ClassBatchSampler", "fit_factors", "weights_digest"]
 
 TOWERS = ("image", "text")
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: records its inputs (version 1 did not, so it cannot be checked)
 
 
 @dataclass
@@ -123,6 +129,7 @@ def fit_factors(
     device: torch.device | str | None = None,  # where the batches go; default: the model's device
     checkpoint: str | os.PathLike | None = None,  # save / resume file
     checkpoint_every: int = 100,  # loader batches between checkpoints
+    fingerprint: dict | None = None,  # JSON-able identity of the inputs, checked on resume (see below)
     max_batches: int | None = None,  # stop after this many loader batches in total (for resumable runs)
     progress: bool = True,
     distributed: bool | None = None,  # None: whenever torch.distributed is initialised with several ranks
@@ -135,11 +142,20 @@ def fit_factors(
     stopped by `max_batches` keeps its pending pairs in the checkpoint instead and returns {}.
     Distributed: `loader` is this rank's share (see `ClassBatchSampler` and the module docstring);
     `count` and the factors are global.
+
+    Resuming from `checkpoint` needs the same inputs: the checkpoint stores this run's settings (likelihood,
+    class_batch_size, logit scale and bias, a digest of both projections' weights and biases, the loader's
+    length when it has one) and `fingerprint`, a JSON-serialisable dict the caller fills with what this
+    function cannot see: the data (e.g. {"pairs_sha256": ...}), the model's name and weights
+    (`weights_digest(model)`), the loader's batch size. A checkpoint written with any other value, or
+    damaged, raises ValueError naming the file and what differs.
     """
     if isinstance(class_batch_size, bool) or not isinstance(class_batch_size, int) or class_batch_size < 1:
         raise ValueError(f"argument 'class_batch_size' must be a positive int, got {class_batch_size!r}")
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ValueError(f"argument 'checkpoint_every' must be a positive int, got {checkpoint_every!r}")
+    if fingerprint is not None:
+        _check_fingerprint(fingerprint)
     sites = sites or {tower: find_projection(model, tower) for tower in TOWERS}
     if set(sites) != set(TOWERS):
         raise ValueError(f"argument 'sites' must name both towers {TOWERS}, got {sorted(sites)}")
@@ -155,9 +171,25 @@ def fit_factors(
     encoders = {tower: unnormalised_encoder(model, tower) for tower in TOWERS}
     accumulators = {tower: FactorAccumulator(likelihood, log_scale, bias, bias=layers[tower][1] is not None)
                     for tower in TOWERS}
-    pending, done = _Pending(), 0
-    if checkpoint is not None and os.path.exists(checkpoint):
-        done = _load_checkpoint(checkpoint, accumulators, pending)
+    pending, done, inputs = _Pending(), 0, None
+    if checkpoint is not None:
+        inputs = {"settings": {"likelihood": accumulators["image"].likelihood.value,
+                               "class_batch_size": class_batch_size, "logit_scale": log_scale, "logit_bias": bias,
+                               "projections": weights_digest([t for tower in TOWERS for t in layers[tower]]),
+                               "loader_batches": _length(loader, None)},
+                  "fingerprint": fingerprint or {}}
+        inputs = json.loads(json.dumps(inputs))  # compared with the saved record as JSON reads it back (tuples: lists)
+        refusal = None
+        if os.path.exists(checkpoint):
+            try:
+                done = _load_checkpoint(checkpoint, inputs, accumulators, pending)
+            except ValueError as error:
+                refusal = error
+        # Every rank must refuse together: one that went on alone would wait forever in the reductions.
+        if world > 1 and not _all_ranks(refusal is None, group) and refusal is None:
+            refusal = ValueError(f"checkpoint {checkpoint}: another rank refused its checkpoint (see its error)")
+        if refusal is not None:
+            raise refusal
 
     bar = tqdm(total=_length(loader, max_batches), initial=done, disable=not progress or rank != 0, unit="batch",
                desc="KFAC factors" if world == 1 else f"KFAC factors (rank 0 of {world})")
@@ -179,14 +211,14 @@ def fit_factors(
         bar.update(1)
         bar.set_postfix({"pairs" if world == 1 else "pairs on rank 0": accumulators["image"].count + len(pending)})
         if checkpoint is not None and done % checkpoint_every == 0:
-            _save_checkpoint(checkpoint, accumulators, pending, done)
+            _save_checkpoint(checkpoint, inputs, accumulators, pending, done)
     bar.close()
     if world > 1:  # a rank stopped by max_batches keeps every rank from reducing
         exhausted = _all_ranks(exhausted, group)
     if exhausted and len(pending):
         _add_class_batch(accumulators, pending.take())
     if checkpoint is not None:
-        _save_checkpoint(checkpoint, accumulators, pending, done)
+        _save_checkpoint(checkpoint, inputs, accumulators, pending, done)
     if not exhausted:
         return {}
     if world > 1:
@@ -277,32 +309,84 @@ def _length(loader, max_batches: int | None) -> int | None:
     return total
 
 
-def _save_checkpoint(path, accumulators, pending: _Pending, done: int) -> None:
-    state = {"version": CHECKPOINT_VERSION, "batches_done": done,
+def weights_digest(source: nn.Module | list[Tensor | None]) -> str:
+    """sha256 of a module's state_dict (names, dtypes, shapes, bytes) or of a list of tensors (None allowed):
+    the identity of the weights a fit ran with, for `fit_factors(fingerprint=...)`. Reads every byte once."""
+    digest = hashlib.sha256()
+    items = source.state_dict().items() if isinstance(source, nn.Module) else enumerate(source)
+    for name, t in items:
+        digest.update(f"{name}:{None if t is None else (str(t.dtype), tuple(t.shape))};".encode())
+        if t is not None and t.numel():
+            digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _check_fingerprint(fingerprint) -> None:
+    """A fingerprint is compared after a JSON round trip, so it must survive one unchanged (no NaN: NaN != NaN)."""
+    try:
+        if not isinstance(fingerprint, dict) or not all(isinstance(key, str) for key in fingerprint):
+            raise TypeError
+        json.dumps(fingerprint, allow_nan=False)
+    except (TypeError, ValueError):
+        raise ValueError("argument 'fingerprint' must be a dict with str keys and JSON-serialisable, finite values, "
+                         f"got {fingerprint!r:.200}") from None
+
+
+def _save_checkpoint(path, inputs: dict, accumulators, pending: _Pending, done: int) -> None:
+    from ._files import replacing
+
+    state = {"version": CHECKPOINT_VERSION, "inputs": json.dumps(inputs, sort_keys=True), "batches_done": done,
              "pending": {name: torch.cat(ts) if ts else None for name, ts in pending.parts.items()}}
     for tower, acc in accumulators.items():
-        state[tower] = {"A_sum": acc.A_sum, "B_sum": acc.B_sum, "count": acc.count,
-                        "likelihood": acc.likelihood.value, "scale": acc.scale, "logit_bias": acc.logit_bias,
-                        "bias": acc.bias}
-    tmp = f"{os.fspath(path)}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact
+        state[tower] = {"A_sum": acc.A_sum, "B_sum": acc.B_sum, "count": acc.count}
+    with replacing(path, "argument 'checkpoint'") as temporary:  # a crash mid-save keeps the previous checkpoint
+        torch.save(state, temporary)
 
 
-def _load_checkpoint(path, accumulators, pending: _Pending) -> int:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint {path}: unknown version {state.get('version')!r}")
-    for tower, acc in accumulators.items():
-        saved = state[tower]
-        same = (saved["likelihood"] == acc.likelihood.value and saved["bias"] == acc.bias
-                and math.isclose(saved["scale"], acc.scale, rel_tol=1e-12)
-                and math.isclose(saved["logit_bias"], acc.logit_bias, rel_tol=1e-12, abs_tol=1e-12))
-        if not same:
-            raise ValueError(f"checkpoint {path} was written for another likelihood, logit scale, logit bias or "
-                             f"layer bias than this run ({tower} tower)")
-        acc.A_sum, acc.B_sum, acc.count = saved["A_sum"], saved["B_sum"], saved["count"]
-    for name, t in state["pending"].items():
-        if t is not None:
-            pending.parts[name] = [t]
-    return int(state["batches_done"])
+def _load_checkpoint(path, inputs: dict, accumulators, pending: _Pending) -> int:
+    """Restores the sums, the pending pairs and the batch count saved in `path`; ValueError naming the file when
+    it is damaged or was made from other inputs than `inputs` (the settings and fingerprint of this run)."""
+    advice = "remove it (or use another path) to start afresh"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated or foreign files raise RuntimeError, EOFError, UnpicklingError, ...
+        raise ValueError(f"checkpoint {path}: cannot be read, damaged or not a fit_factors checkpoint "
+                         f"({type(error).__name__}: {error}); {advice}") from None
+    version = state.get("version") if isinstance(state, dict) else None
+    if version == 1:
+        raise ValueError(f"checkpoint {path} was written by an older bayesvlm_ext that did not record its inputs, "
+                         f"so resuming could mix data; {advice}")
+    if version != CHECKPOINT_VERSION:
+        raise ValueError(f"checkpoint {path}: not a fit_factors checkpoint of version {CHECKPOINT_VERSION} (version "
+                         f"{version!r}); {advice}")
+    try:
+        saved = json.loads(state["inputs"])
+        differing = [f"{key} ({_shown(saved[part].get(key))} in the checkpoint, {_shown(inputs[part].get(key))} in "
+                     f"this run)" for part in ("settings", "fingerprint")
+                     for key in sorted(set(saved[part]) | set(inputs[part]))
+                     if saved[part].get(key) != inputs[part].get(key)]
+    except (KeyError, TypeError, AttributeError, ValueError):
+        raise ValueError(f"checkpoint {path}: damaged (no readable record of its inputs); {advice}") from None
+    if differing:
+        raise ValueError(f"checkpoint {path} was made from other inputs or settings than this run: differs in "
+                         f"{'; '.join(differing)}; {advice}")
+    try:
+        for tower, acc in accumulators.items():
+            saved_tower = state[tower]
+            acc.A_sum, acc.B_sum, acc.count = saved_tower["A_sum"], saved_tower["B_sum"], int(saved_tower["count"])
+        for name, t in state["pending"].items():
+            if t is not None:
+                pending.parts[name] = [t]
+        return int(state["batches_done"])
+    except (KeyError, TypeError, AttributeError, ValueError):
+        raise ValueError(f"checkpoint {path}: damaged (its sums or counts are missing); {advice}") from None
+
+
+def _shown(value) -> str:
+    """A recorded value for an error message: digests cut to 12 characters, None as 'none'."""
+    if value is None:
+        return "none"
+    text = json.dumps(value)
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return text[:13] + '..."'
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -5,10 +5,12 @@ the Kronecker scalar alpha (or the eigen-form variances k), ||mean||^2 and mean^
 index stores exactly those, computed once, so that `search` streams the gallery through the fused top-k
 kernel at O(M D) per query batch with no O(M D^2) work for the kron form (the eigen form's "exact" moments
 still rotate each shard's means into the query basis, O(m D^2) per shard and pass, in
-`moments.pairwise_inputs`). Directory layout (format version 1):
+`moments.pairwise_inputs`). Directory layout (format version 2):
 
-  index.json               format, version, rows M, dim D, form, dtype, tower, logit scale and bias (or
-                           null), the posteriors' hyper-parameters, the shard list [{file, start, stop}], ids kind
+  index.json               format, version, generation (the folder holding the files below), rows M, dim D,
+                           form, dtype, tower, logit scale and bias (or null), the posteriors' hyper-parameters,
+                           the shard list [{file, start, stop}], ids kind
+  gen-<time>-<random>/     one generation: every file below; a rewrite makes a new one beside it
   shared.safetensors       what all items share: "shared" [D, D], "shared_eigvals" [D], "basis" [D, D]
                            (kron form), "basis" (eigen form); "cross_shared" [D, D], the query side's
                            B^-1 that cross_quad was computed against (kron-form queries only)
@@ -23,21 +25,37 @@ mmap (torch.from_file, MAP_PRIVATE; treat them as read-only): a shard's tensors 
 cache, read from disk on first touch and never copied, so a gallery larger than memory can be searched;
 a shard's mapping lives as long as the RetrievalIndex. Shard s holds rows [s * shard_rows, (s + 1) *
 shard_rows); its rows are embedded `batch_size` at a time from its first row, so its bytes do not
-depend on which process wrote it (torchrun: each rank `IndexWriter.embed_shard`s its block, rank 0
-calls `finish` once all are written).
+depend on which process wrote it (torchrun: each rank `IndexWriter.embed_shard`s its block into the
+same generation, rank 0 calls `finish` once all are written).
+
+Rewrites are atomic. A writer fills a new generation folder and never touches the files of the one in
+use; `finish` writes index.json, naming the new generation, to a temporary file and renames it over the
+old one (one atomic rename), then removes the generations older than the one it replaced (that one is
+kept a round, for readers that read the old index.json but have not opened its files yet). A failed or
+interrupted write leaves the old index.json and its generation as they were (`abort` removes the new
+folder). `open_index` reads index.json once and maps every file of its generation at once (re-reading
+index.json if a rewrite removed the files in between), so a RetrievalIndex is one snapshot: on Linux a
+mapped file stays readable after it is unlinked, and its searches give the old results while and after
+a rewrite runs. Version 1 indexes (the files beside index.json, no generation) are still read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
+import secrets
+import shutil
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from ._files import output_directory, replacing, sync_folder, write_json
 from ._validation import accumulation_dtype, check_tensor, parse_enum
 from .distribution import CovarianceForm, EmbeddingDistribution
 from .posterior import KronPosterior
@@ -45,11 +63,15 @@ from .probvlm import DEFAULT_EMBED_OPTIONS, MeanSource, ProbVLMAdapter, Uncertai
 from .retrieval import Score, merge_topk, topk
 
 __all__ = ["IndexWriter", "RetrievalIndex", "ShardInfo", "build_index", "save_index", "open_index", "search",
-           "shard_ranges", "open_safetensors", "DEFAULT_SHARD_ROWS"]
+           "shard_ranges", "open_safetensors", "new_generation", "DEFAULT_SHARD_ROWS"]
 
 FORMAT = "bayesvlm_ext.RetrievalIndex"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: the files beside index.json, no generation folders
 MANIFEST_FILE = "index.json"
+LOCK_FILE = ".index.lock"  # serialises the switches of concurrent writers (flock), not their shard writing
+GENERATION_PATTERN = re.compile(r"gen-[0-9A-Za-z_-]{1,100}")  # a plain folder name: no separators, no ".."
+_OPEN_ATTEMPTS = 5  # re-reads of index.json when a rewrite removed the files of the one just read
 SHARED_FILE = "shared.safetensors"
 IDS_TENSOR_FILE = "ids.safetensors"
 IDS_JSON_FILE = "ids.json"
@@ -71,6 +93,15 @@ def shard_file_name(number: int) -> str:
     return f"shard-{number:05d}.safetensors"
 
 
+def new_generation() -> str:
+    """A fresh generation folder name, "gen-<nanoseconds since the epoch, 20 digits>-<random hex>".
+
+    The fixed-width time makes the names sort by age (the writer removes the generations older than the one
+    it replaces); the random part keeps two writers started in the same nanosecond apart.
+    """
+    return f"gen-{time.time_ns():020d}-{secrets.token_hex(4)}"
+
+
 def shard_ranges(rows: int, shard_rows: int) -> list[tuple[int, int]]:
     """[(start, stop)] of each shard: consecutive blocks of `shard_rows` rows, the last one shorter."""
     for name, value, least in (("rows", rows, 1), ("shard_rows", shard_rows, 1)):
@@ -88,11 +119,22 @@ class IndexWriter:
     the gallery shares: its form, D, dtype (float32 or float64) and shared matrices, and `cross_shared`
     (the query side's matrix) when the gallery caches cross_quad. `IndexWriter.for_posteriors` builds it
     from the two towers' posteriors.
+
+    The files go to a new generation folder `directory/generation` (default: `new_generation()`); the index
+    at `directory`, if any, keeps serving until `finish` switches index.json over. Processes writing one
+    index together must pass the same `generation` (one of them picks it and sends it to the others).
+    After a failure, `abort` removes the new folder.
     """
 
     def __init__(self, directory: str | os.PathLike, template: EmbeddingDistribution, rows: int, *,
                  shard_rows: int = DEFAULT_SHARD_ROWS, ids: Tensor | Sequence | None = None, tower: str | None = None,
-                 logit_scale: float | None = None, logit_bias: float | None = None, posteriors: dict | None = None):
+                 logit_scale: float | None = None, logit_bias: float | None = None, posteriors: dict | None = None,
+                 generation: str | None = None):
+        if generation is None:
+            generation = new_generation()
+        if not isinstance(generation, str) or not GENERATION_PATTERN.fullmatch(generation):
+            raise ValueError(f"argument 'generation' must be a folder name like 'gen-123-abc' (new_generation()), got "
+                             f"{generation!r}")
         if not isinstance(template, EmbeddingDistribution):
             raise ValueError(f"argument 'template' must be an EmbeddingDistribution, got {type(template).__name__}")
         if template.mean.dtype not in _DTYPE_NAMES:
@@ -114,7 +156,9 @@ class IndexWriter:
         self.logit_scale = None if logit_scale is None else float(logit_scale)
         self.logit_bias = None if logit_bias is None else float(logit_bias)
         self.posteriors = posteriors or {}
-        os.makedirs(self.directory, exist_ok=True)
+        self.directory = output_directory(self.directory, "argument 'directory'")
+        self.generation = generation
+        self.folder = os.path.join(self.directory, generation)  # created by the first write
 
     @classmethod
     def for_posteriors(
@@ -175,6 +219,11 @@ class IndexWriter:
         with torch.no_grad():
             for b0 in range(0, phi.shape[0], batch_size):
                 part_residual = None if residual is None else residual[b0:b0 + batch_size]
+                for name, value in (("phi", phi[b0:b0 + batch_size]), ("residual", part_residual)):
+                    row = first_non_finite_row(value)  # named by gallery row: the embed error would not say which
+                    if row is not None:
+                        raise ValueError(f"argument '{name}' must be finite: gallery row {start + b0 + row} (shard "
+                                         f"{number}) holds Inf or NaN")
                 parts.append(embed(phi[b0:b0 + batch_size], part_residual))
         self.write(number, _concatenate(parts))
 
@@ -203,33 +252,53 @@ class IndexWriter:
             tensors["cross_quad"] = part.cross_quad
         tensors = {name: _cpu(t, self.dtype) for name, t in tensors.items()}
         tensors["row"] = torch.arange(start, stop, dtype=torch.int64)
-        _save(tensors, os.path.join(self.directory, shard_file_name(number)))
+        os.makedirs(self.folder, exist_ok=True)
+        _save(tensors, os.path.join(self.folder, shard_file_name(number)))
 
     def finish(self) -> None:
-        """Writes shared.safetensors, the ids and, last, index.json (after every shard exists)."""
-        missing = [shard_file_name(n) for n in range(self.num_shards)
-                   if not os.path.isfile(os.path.join(self.directory, shard_file_name(n)))]
+        """Writes shared.safetensors and the ids into the generation, then switches the index over to it.
+
+        Once every shard exists: the generation's files are flushed to disk, index.json naming the generation
+        replaces the old one in one atomic rename, and the generations older than the replaced one are
+        removed (it is kept a round for readers that have read the old index.json but not yet opened its
+        files). Concurrent writers' switches are serialised by a lock file; a generation that a concurrent
+        writer's clean-up removed is an error here, never an index.json naming missing files.
+        """
+        files = [shard_file_name(n) for n in range(self.num_shards)]
+        missing = [name for name in files if not os.path.isfile(os.path.join(self.folder, name))]
         if missing:
             raise ValueError(f"index {self.directory}: {len(missing)} shard(s) not written yet, e.g. {missing[0]}")
         if self.shared:
-            _save(self.shared, os.path.join(self.directory, SHARED_FILE))
+            files.append(SHARED_FILE)
+            _save(self.shared, os.path.join(self.folder, SHARED_FILE))
         if self.ids_kind == "int":
-            _save({"ids": self.ids}, os.path.join(self.directory, IDS_TENSOR_FILE))
+            files.append(IDS_TENSOR_FILE)
+            _save({"ids": self.ids}, os.path.join(self.folder, IDS_TENSOR_FILE))
         elif self.ids_kind == "str":
-            _write_json(self.ids, os.path.join(self.directory, IDS_JSON_FILE))
-        manifest = {"format": FORMAT, "version": VERSION, "rows": self.rows, "dim": self.dim, "form": self.form.value,
-                    "dtype": _DTYPE_NAMES[self.dtype], "tower": self.tower, "shard_rows": self.shard_rows,
-                    "logit_scale": self.logit_scale, "logit_bias": self.logit_bias, "ids": self.ids_kind,
-                    "cross_quad": self.cross_shared is not None, "posteriors": self.posteriors,
+            files.append(IDS_JSON_FILE)
+            write_json(os.path.join(self.folder, IDS_JSON_FILE), self.ids, f"index {self.directory}", indent=1)
+        sync_folder(self.folder)  # the renames into it reach the disk before index.json points at it
+        manifest = {"format": FORMAT, "version": VERSION, "generation": self.generation, "rows": self.rows,
+                    "dim": self.dim, "form": self.form.value, "dtype": _DTYPE_NAMES[self.dtype], "tower": self.tower,
+                    "shard_rows": self.shard_rows, "logit_scale": self.logit_scale, "logit_bias": self.logit_bias,
+                    "ids": self.ids_kind, "cross_quad": self.cross_shared is not None, "posteriors": self.posteriors,
                     "shards": [{"file": shard_file_name(n), "start": start, "stop": stop}
                                for n, (start, stop) in enumerate(self.ranges)]}
-        _write_json(manifest, os.path.join(self.directory, MANIFEST_FILE))
+        with _switch_lock(self.directory):
+            previous = _published_generation(self.directory)
+            gone = [name for name in files if not os.path.isfile(os.path.join(self.folder, name))]
+            if gone:
+                raise ValueError(f"index {self.directory}: generation {self.generation} lost {gone[0]} while being "
+                                 "written (another `index` run into the same directory removed it?); the index "
+                                 "was not changed")
+            write_json(os.path.join(self.directory, MANIFEST_FILE), manifest, f"index {self.directory}", indent=1)
+            _remove_older_generations(self.directory, previous, self.generation)
 
-    def discard_manifest(self) -> None:
-        """Removes an earlier index.json from the directory, so that a half-rewritten index never opens."""
-        path = os.path.join(self.directory, MANIFEST_FILE)
-        if os.path.exists(path):
-            os.remove(path)
+    def abort(self) -> None:
+        """Removes this writer's generation folder after a failure; the index in the directory is untouched.
+        Safe to call from every process, and when nothing was written."""
+        if _published_generation(self.directory) != self.generation:  # never the generation being served
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def posterior_summary(posterior: KronPosterior | ProbVLMAdapter, embed_options: dict | None = None) -> dict:
@@ -307,6 +376,8 @@ def build_index(
     index with the adapter's fingerprint), `batch_size` rows at a time from the shard's first row: memory
     beyond `features` is one shard.
     Statistics are stored in the accumulation dtype of `features` (float64 for float64, else float32).
+    An index already at `directory` is replaced atomically (a new generation, see the module docstring); a
+    failure (say, a non-finite feature: ValueError naming its row) leaves it as it was.
     """
     check_tensor("features", features, dim=2)
     if residual is not None:
@@ -319,11 +390,11 @@ def build_index(
     writer = IndexWriter.for_posteriors(directory, gallery_posterior, query_posterior, features.shape[0],
                                         accumulation_dtype(features.dtype), embed_options, shard_rows=shard_rows,
                                         ids=ids, tower=tower, logit_scale=logit_scale, logit_bias=logit_bias)
-    writer.discard_manifest()
-    for number, (start, stop) in enumerate(writer.ranges):
-        writer.embed_shard(number, features[start:stop], None if residual is None else residual[start:stop],
-                           batch_size=batch_size)
-    writer.finish()
+    with _aborting_on_failure(writer):
+        for number, (start, stop) in enumerate(writer.ranges):
+            writer.embed_shard(number, features[start:stop], None if residual is None else residual[start:stop],
+                               batch_size=batch_size)
+        writer.finish()
     return open_index(directory)
 
 
@@ -340,7 +411,8 @@ def save_index(
     """Writes an embedded gallery (any form: kron, eigen or diag) as an index and opens it.
 
     Statistics cached on `gallery` are stored as they are; missing ones are computed shard by shard
-    (cross_quad against `gallery.cross_shared`, when set).
+    (cross_quad against `gallery.cross_shared`, when set). An index already at `directory` is replaced
+    atomically; a failure leaves it as it was.
     """
     if not isinstance(gallery, EmbeddingDistribution):
         raise ValueError(f"argument 'gallery' must be an EmbeddingDistribution, got {type(gallery).__name__}")
@@ -348,10 +420,10 @@ def save_index(
         raise ValueError("argument 'gallery' must have at least one item (an index of nothing cannot be searched)")
     writer = IndexWriter(directory, gallery, len(gallery), shard_rows=shard_rows, ids=ids, tower=tower,
                          logit_scale=logit_scale, logit_bias=logit_bias)
-    writer.discard_manifest()
-    for number, (start, stop) in enumerate(writer.ranges):
-        writer.write(number, gallery[start:stop])
-    writer.finish()
+    with _aborting_on_failure(writer):
+        for number, (start, stop) in enumerate(writer.ranges):
+            writer.write(number, gallery[start:stop])
+        writer.finish()
     return open_index(directory)
 
 
@@ -369,9 +441,11 @@ class ShardInfo:
 
 class RetrievalIndex:
     """An index opened by `open_index`. Small parts (the shared matrices, the manifest) are read into
-    memory; the shards' tensors are memory-mapped each time `shard` is called.
+    memory; every shard file is memory-mapped when the index is opened (one mapping per shard, kept as
+    long as the index: rewrites of the directory do not change what an opened index reads).
 
-    Attributes: directory, rows (M, also len), dim (D), form, dtype, tower ("image", "text" or None),
+    Attributes: directory, generation (the folder of the files; None for a version 1 index), rows (M, also
+    len), dim (D), form, dtype, tower ("image", "text" or None),
     logit_scale, logit_bias (None when not stored), shards (ShardInfo per shard), shared (name ->
     tensor: "shared", "shared_eigvals", "basis", "cross_shared" as the form has them), posteriors (the
     hyper-parameters of the posteriors it was built from, {} when built from embeddings).
@@ -379,24 +453,36 @@ class RetrievalIndex:
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = os.fspath(directory)
-        manifest_file = os.path.join(self.directory, MANIFEST_FILE)
         if not os.path.isdir(self.directory):
             raise FileNotFoundError(f"index {self.directory}: no such directory")
-        if not os.path.isfile(manifest_file):
-            raise FileNotFoundError(f"index {self.directory}: missing {MANIFEST_FILE} (not an index, or one still "
-                                    "being written)")
-        try:
-            with open(manifest_file) as f:
-                manifest = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"index {self.directory}: {MANIFEST_FILE} is not valid JSON ({error})") from None
+        for attempt in range(_OPEN_ATTEMPTS):
+            manifest = _read_manifest(self.directory)
+            try:
+                self._open(manifest)
+                return
+            except FileNotFoundError:
+                # A rewrite may have switched index.json and removed the generation it named since it was read:
+                # then the new index.json names a complete generation. The same index.json: really missing.
+                if attempt + 1 == _OPEN_ATTEMPTS or _read_manifest(self.directory) == manifest:
+                    raise
+
+    def _open(self, manifest: dict) -> None:
+        """Reads the generation `manifest` names: checks every file's header and maps every shard now, so that
+        the index is one snapshot however the directory changes later."""
         self._manifest = manifest
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
             raise ValueError(f"index {self.directory}: {MANIFEST_FILE} has format {found!r}, expected {FORMAT!r}")
-        if manifest.get("version") != VERSION:
+        if manifest.get("version") not in READABLE_VERSIONS:
             raise ValueError(f"index {self.directory}: format version {manifest.get('version')!r} is not supported "
-                             f"(this bayesvlm_ext reads version {VERSION}); rebuild it with `bayesvlm-ext index`")
+                             f"(this bayesvlm_ext reads versions {', '.join(map(str, READABLE_VERSIONS))}); rebuild it "
+                             "with `bayesvlm-ext index`")
+        self.generation = manifest.get("generation") if manifest["version"] >= 2 else None
+        if manifest["version"] >= 2 and not (isinstance(self.generation, str)
+                                             and GENERATION_PATTERN.fullmatch(self.generation)):
+            raise ValueError(f"index {self.directory}: {MANIFEST_FILE} is corrupt (generation "
+                             f"{self.generation!r} is not a generation folder name)")
+        folder = self.directory if self.generation is None else os.path.join(self.directory, self.generation)
         try:
             self.rows, self.dim = _int(manifest, "rows", 1), _int(manifest, "dim", 1)
             self.form = CovarianceForm(manifest["form"])
@@ -420,7 +506,10 @@ class RetrievalIndex:
         self.shards, self._headers, position = [], [], 0
         for number, entry in enumerate(shards):
             try:
-                info = ShardInfo(os.path.join(self.directory, entry["file"]), int(entry["start"]), int(entry["stop"]))
+                name = entry["file"]
+                if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+                    raise ValueError  # a shard is a file of its generation, never a path out of it
+                info = ShardInfo(os.path.join(folder, name), int(entry["start"]), int(entry["stop"]))
             except (KeyError, TypeError, ValueError):
                 raise ValueError(f"index {self.directory}: shard entry {number} is corrupt: {entry!r}") from None
             if info.start != position or info.stop <= info.start:
@@ -429,6 +518,7 @@ class RetrievalIndex:
             header = _MappedSafetensors(info.file)
             for name, (dtype, width) in expected.items():
                 header.expect(name, dtype, (len(info), self.dim) if width else (len(info),))
+            header.map()
             self.shards.append(info)
             self._headers.append(header)
             position = info.stop
@@ -438,18 +528,18 @@ class RetrievalIndex:
         names = _SHARED[self.form] + (("cross_shared",) if has_cross_quad else ())
         self.shared = {}
         if names:
-            shared_file = _MappedSafetensors(os.path.join(self.directory, SHARED_FILE))
+            shared_file = _MappedSafetensors(os.path.join(folder, SHARED_FILE))
             for name in names:
                 shape = (self.dim,) if name == "shared_eigvals" else (self.dim, self.dim)
                 shared_file.expect(name, self.dtype, shape)
                 self.shared[name] = shared_file.tensor(name).clone()  # O(D^2) in memory; clone keeps the strides
         self._ids_kind, self._ids = ids_kind, None
         if ids_kind == "int":
-            ids_file = _MappedSafetensors(os.path.join(self.directory, IDS_TENSOR_FILE))
+            ids_file = _MappedSafetensors(os.path.join(folder, IDS_TENSOR_FILE))
             ids_file.expect("ids", torch.int64, (self.rows,))
             self._ids = ids_file.tensor("ids")
         elif ids_kind == "str":
-            path = os.path.join(self.directory, IDS_JSON_FILE)
+            path = os.path.join(folder, IDS_JSON_FILE)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"index {self.directory}: missing {IDS_JSON_FILE}")
             with open(path) as f:
@@ -620,11 +710,21 @@ class _MappedSafetensors:
             return self._view(dtype, shape[::-1], begin, end).T
         return self._view(dtype, shape, begin, end)
 
+    def map(self) -> None:
+        """Maps the file now (else on the first `tensor`): the mapping keeps these bytes readable even after the
+        file is unlinked or renamed over (a rewritten index), as long as this object lives."""
+        if self._bytes is None:
+            try:
+                self._bytes = torch.from_file(self.path, shared=False, size=self.size, dtype=torch.uint8)
+            except RuntimeError:
+                if not os.path.isfile(self.path):  # removed since the header was read: let callers retry
+                    raise FileNotFoundError(f"missing file {self.path}") from None
+                raise
+
     def _view(self, dtype: torch.dtype, shape: tuple, begin: int, end: int) -> Tensor:
         if end == begin:
             return torch.empty(shape, dtype=dtype)
-        if self._bytes is None:
-            self._bytes = torch.from_file(self.path, shared=False, size=self.size, dtype=torch.uint8)
+        self.map()
         offset = self.data_start + begin
         return self._bytes[offset:offset + end - begin].view(dtype).view(shape)
 
@@ -663,20 +763,95 @@ def _save(tensors: dict[str, Tensor], path: str) -> None:
     entries["__metadata__"] = {"format": "pt", "column_major": ",".join(column_major)}
     header = json.dumps(entries, separators=(",", ":")).encode()
     header += b" " * (-(8 + len(header)) % _ALIGNMENT)  # spaces are allowed after the JSON header
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "wb") as f:
-        f.write(len(header).to_bytes(8, "little"))
-        f.write(header)
-        for blob in blobs:
-            f.write(blob)
-    os.replace(temporary, path)
+    with replacing(path, "index file") as temporary:  # flushed to disk, renamed; removed on any failure
+        with open(temporary, "wb") as f:
+            f.write(len(header).to_bytes(8, "little"))
+            f.write(header)
+            for blob in blobs:
+                f.write(blob)
 
 
-def _write_json(value, path: str) -> None:
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(temporary, path)
+def _read_manifest(directory: str):
+    """The parsed index.json of `directory` (any JSON value: the caller checks it); FileNotFoundError or ValueError."""
+    path = os.path.join(directory, MANIFEST_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"index {directory}: missing {MANIFEST_FILE} (not an index, or one still being "
+                                "written)") from None
+    except IsADirectoryError:
+        raise ValueError(f"index {directory}: {MANIFEST_FILE} is a directory, not a file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"index {directory}: {MANIFEST_FILE} is not valid JSON ({error})") from None
+
+
+def _published_generation(directory: str) -> str | None:
+    """The generation the index.json of `directory` names: "" for a version 1 index (files beside index.json),
+    None when there is no readable index.json."""
+    try:
+        manifest = _read_manifest(directory)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return None
+    if manifest.get("version") == 1:
+        return ""
+    generation = manifest.get("generation")
+    return generation if isinstance(generation, str) and GENERATION_PATTERN.fullmatch(generation) else None
+
+
+@contextlib.contextmanager
+def _switch_lock(directory: str):
+    """An exclusive flock on `directory/.index.lock` for the switch and clean-up of `finish`. Best effort: a
+    filesystem without locks (some NFS set-ups) runs unlocked, as one writer at a time needs none."""
+    import fcntl
+
+    with open(os.path.join(directory, LOCK_FILE), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield  # closing the file releases the lock
+
+
+def _remove_older_generations(directory: str, previous: str | None, current: str) -> None:
+    """Removes what is older than `previous`, the generation index.json named before `current` replaced it.
+
+    `previous` itself stays one round: a reader may have read the old index.json and not yet opened its files.
+    Generation names sort by creation time, so a folder newer than `previous` (another writer's, still at
+    work) is left alone; one left by a killed run goes once it is older than the replaced generation. Version 1
+    files (beside index.json) are older than every generation. With no readable old index.json nothing is
+    removed: what is old is then unknown. Called under `_switch_lock`.
+    """
+    if not previous:  # None: unknown; "": the version 1 files are the previous generation, kept this round
+        return
+    for entry in os.listdir(directory):
+        path = os.path.join(directory, entry)
+        if GENERATION_PATTERN.fullmatch(entry) and entry < previous and entry != current:
+            shutil.rmtree(path, ignore_errors=True)
+        elif (entry in (SHARED_FILE, IDS_TENSOR_FILE, IDS_JSON_FILE) or re.fullmatch(r"shard-\d+\.safetensors", entry)
+              or entry.startswith(f".{MANIFEST_FILE}.tmp-")):  # version 1 files; a killed switch's temporary
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+
+@contextlib.contextmanager
+def _aborting_on_failure(writer: IndexWriter):
+    """Runs the block; on any exception (Ctrl-C included) removes the writer's new generation, then re-raises."""
+    try:
+        yield
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def first_non_finite_row(values: Tensor | None) -> int | None:  # values: [n, ...] or None
+    """The first row of `values` holding Inf or NaN, None when every entry is finite (or `values` is None)."""
+    if values is None or values.numel() == 0:
+        return None
+    bad = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)
+    return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
 
 
 def _cpu(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 import bayesvlm_ext
 from bayesvlm_ext import KronPosterior, ZeroShotClassifier, evaluation, predictive, shapes
 from bayesvlm_ext.capture import capture, find_projection
-from bayesvlm_ext.cli import PairsDataset
+from bayesvlm_ext.cli import PairsDataset, _SkippingLoader
 from bayesvlm_ext.curvature import DEFAULT_CLASS_BATCH_SIZE
 from bayesvlm_ext.fit import TOWERS, unnormalised_encoder
 
@@ -267,21 +267,17 @@ def text_features(model, tokenizer, texts: list[str], args) -> tuple[Tensor, Ten
 def fit_posteriors(model, preprocess, tokenizer, args, siglip: bool, save_to: str | None) -> dict[str, KronPosterior]:
     """One tuned KronPosterior per tower from the pairs of args.fit_pairs, saved to SAVE_TO/posterior_{tower}/
     unless save_to is None."""
-    dataset = PairsDataset(args.fit_pairs, preprocess, tokenizer)
+    def report(message: str) -> None:  # each skipped line, with its number
+        tqdm.write(f"--fit-pairs {args.fit_pairs}: {message}", file=sys.stderr)
+
+    dataset = PairsDataset(args.fit_pairs, preprocess, tokenizer, report)
     if len(dataset) == 0:
         raise SystemExit(f"--fit-pairs {args.fit_pairs}: no usable pairs (skipped: {dict(dataset.skipped)})")
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                                          collate_fn=list)
-
-    def readable():  # drops unreadable images (None items) and counts them
-        for items in loader:
-            good = [item for item in items if item is not None]
-            if len(good) < len(items):
-                dataset.skipped["unreadable image"] += len(items) - len(good)
-            if good:
-                yield torch.stack([p for p, _ in good]), torch.stack([t for _, t in good])
-
-    fits = bayesvlm_ext.fit_factors(model, readable(), likelihood="siglip" if siglip else "infonce",
+    # drops the pairs whose image (or caption) fails to load, counting and reporting them
+    readable = _SkippingLoader(loader, dataset.skipped, report)
+    fits = bayesvlm_ext.fit_factors(model, readable, likelihood="siglip" if siglip else "infonce",
                                     class_batch_size=args.class_batch_size, progress=not args.quiet)
     print(f"fitted on {fits['image'].count} pairs from {args.fit_pairs} (skipped: {dict(dataset.skipped) or 'none'})")
     posteriors = {}

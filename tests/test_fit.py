@@ -54,8 +54,58 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(model_and_batches, 
                           checkpoint=path, progress=False)
     for tower in ("image", "text"):
         assert torch.equal(resumed[tower].A, whole[tower].A) and torch.equal(resumed[tower].B, whole[tower].B)
-    with pytest.raises(ValueError, match="another likelihood"):
-        fit_factors(model, batches, likelihood="infonce", class_batch_size=5, checkpoint=path, progress=False)
+    with pytest.raises(ValueError, match="differs in likelihood"):
+        fit_factors(model, batches, likelihood="infonce", class_batch_size=5, logit_bias=-1.0, checkpoint=path,
+                    progress=False)
+
+
+def test_a_checkpoint_resumes_only_the_inputs_it_was_made_from(model_and_batches, tmp_path):
+    model, batches = model_and_batches
+    options = dict(likelihood="infonce", class_batch_size=5, progress=False)
+    data = {"pairs_sha256": "a" * 64, "batch_size": 4}  # what the caller knows and fit_factors cannot see
+    path = tmp_path / "kfac.pt"
+    whole = fit_factors(model, batches, **options)
+    assert fit_factors(model, batches, checkpoint=path, checkpoint_every=1, max_batches=1, fingerprint=data,
+                       **options) == {}
+    saved = path.read_bytes()
+
+    def refused(message, model=model, batches=batches, **changed):
+        with pytest.raises(ValueError, match=message) as raised:
+            fit_factors(model, batches, checkpoint=path, **{**options, "fingerprint": data, **changed})
+        assert str(path) in str(raised.value)
+        assert path.read_bytes() == saved  # a refused checkpoint is left as it was
+
+    refused(r"differs in class_batch_size \(5 in the checkpoint, 4 in this run\)", class_batch_size=4)
+    refused(r"differs in likelihood \(\"infonce\" in the checkpoint, \"siglip\" in this run\)", likelihood="siglip")
+    refused(r"differs in logit_scale", logit_scale=1.0)
+    refused(r"differs in batch_size \(4 in the checkpoint, 8 in this run\)", fingerprint={**data, "batch_size": 8})
+    refused(r"differs in pairs_sha256 \(\"aaaaaaaaaaaa\.\.\.\" in the checkpoint, \"bbbbbbbbbbbb\.\.\.\" in this",
+            fingerprint={**data, "pairs_sha256": "b" * 64})
+    refused(r"differs in loader_batches \(3 in the checkpoint, 2 in this run\)", batches=batches[:2])
+    refused(r"differs in batch_size \(4 in the checkpoint, none in this run\); pairs_sha256", fingerprint=None)
+    other = open_clip.create_model("ViT-B-32", pretrained=None).eval()  # another draw of the random weights
+    refused(r"differs in projections", model=other)
+    # the same inputs resume, and end where an uninterrupted run ends
+    resumed = fit_factors(model, batches, checkpoint=path, fingerprint=dict(reversed(data.items())), **options)
+    for tower in ("image", "text"):
+        assert torch.equal(resumed[tower].A, whole[tower].A) and torch.equal(resumed[tower].B, whole[tower].B)
+
+
+def test_a_damaged_checkpoint_is_a_value_error_naming_it(model_and_batches, tmp_path):
+    model, batches = model_and_batches
+    path = tmp_path / "kfac.pt"
+    assert fit_factors(model, batches, class_batch_size=5, checkpoint=path, max_batches=1, progress=False) == {}
+    whole = path.read_bytes()
+    for damaged in (whole[:len(whole) // 2], whole[:100], b"", b"not a checkpoint at all"):
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError, match=r"checkpoint .*kfac\.pt: cannot be read, damaged"):
+            fit_factors(model, batches, class_batch_size=5, checkpoint=path, progress=False)
+    torch.save({"version": 1, "batches_done": 1}, path)  # before checkpoints recorded their inputs
+    with pytest.raises(ValueError, match="did not record its inputs"):
+        fit_factors(model, batches, class_batch_size=5, checkpoint=path, progress=False)
+    torch.save({"version": 2, "batches_done": 1}, path)
+    with pytest.raises(ValueError, match="kfac.pt: damaged"):
+        fit_factors(model, batches, class_batch_size=5, checkpoint=path, progress=False)
 
 
 def test_fit_errors(model_and_batches):
@@ -64,6 +114,9 @@ def test_fit_errors(model_and_batches):
         fit_factors(model, batches, class_batch_size=0, progress=False)
     with pytest.raises(ValueError, match="'sites'"):
         fit_factors(model, batches, sites={"image": find_projection(model, "image")}, progress=False)
+    for fingerprint in (["pairs"], {"lambda": float("nan")}, {"tensor": torch.ones(1)}, {1: "a"}):
+        with pytest.raises(ValueError, match="'fingerprint'"):
+            fit_factors(model, batches, fingerprint=fingerprint, progress=False)
 
 
 def test_fit_factors_on_a_hugging_face_siglip():

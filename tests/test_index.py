@@ -134,10 +134,13 @@ def test_save_index_and_writer_checks(generator, tmp_path):
 
 def test_open_index_rejects_corrupt_and_unknown_indexes(generator, tmp_path):
     query, gallery = tower(generator, P_TEXT), tower(generator, P_IMAGE)
-    build_index(tmp_path, gallery, torch.randn(9, P_IMAGE, generator=generator), query, shard_rows=4)
+    index = build_index(tmp_path, gallery, torch.randn(9, P_IMAGE, generator=generator), query, shard_rows=4)
     manifest_file = tmp_path / "index.json"
     manifest = json.loads(manifest_file.read_text())
     for change, message in (({"version": 99}, "format version 99 is not supported"),
+                            ({"generation": "../elsewhere"}, "is not a generation folder name"),
+                            ({"shards": [{**manifest["shards"][0], "file": "../index.json"}, *manifest["shards"][1:]]},
+                             "shard entry 0 is corrupt"),
                             ({"format": "something else"}, "has format 'something else'"),
                             ({"rows": 10}, "the shards cover 9 rows, the manifest says 10"),
                             ({"form": "dense"}, "index.json is corrupt")):
@@ -148,7 +151,7 @@ def test_open_index_rejects_corrupt_and_unknown_indexes(generator, tmp_path):
     with pytest.raises(ValueError, match="not valid JSON"):
         open_index(tmp_path)
     manifest_file.write_text(json.dumps(manifest))
-    shard = tmp_path / "shard-00001.safetensors"
+    shard = tmp_path / index.generation / "shard-00001.safetensors"
     shard.write_bytes(shard.read_bytes()[:-8])  # truncated
     with pytest.raises(ValueError, match="does not fit the file"):
         open_index(tmp_path)
@@ -158,6 +161,152 @@ def test_open_index_rejects_corrupt_and_unknown_indexes(generator, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="missing index.json"):
         open_index(tmp_path / "empty")
+
+
+# ---- atomic rewrites: generations -----------------------------------------------------------------------
+
+def snapshot(folder):
+    """{path relative to `folder`: bytes} of every file under it, generations and temporary files included."""
+    return {os.path.relpath(os.path.join(root, name), folder): open(os.path.join(root, name), "rb").read()
+            for root, _, names in os.walk(folder) for name in names}
+
+
+def answers(index, queries, k=5):
+    """What a search of `index` returns, with the ids: (values, rows, mean, var, ids)."""
+    values, rows, mean, var = search(index, queries, k, "probit", logit_scale=LOGIT_SCALE)
+    return values, rows, mean, var, index.ids_of(rows)
+
+
+def assert_same_answers(a, b):
+    for x, y in zip(a[:4], b[:4]):
+        assert torch.equal(x, y)
+    assert a[4] == b[4]
+
+
+def test_a_failed_or_interrupted_rewrite_leaves_the_old_index_byte_for_byte(generator, tmp_path, monkeypatch):
+    query, gallery = tower(generator, P_TEXT), tower(generator, P_IMAGE)
+    queries = query.embed(torch.randn(3, P_TEXT, generator=generator))
+    build_index(tmp_path, gallery, torch.randn(11, P_IMAGE, generator=generator), query, shard_rows=4,
+                ids=[f"old-{i}" for i in range(11)])
+    before, served = snapshot(tmp_path), answers(open_index(tmp_path), queries)
+    features = torch.randn(13, P_IMAGE, generator=generator)
+    features[9, 2] = float("inf")  # shard 2: shards 0 and 1 are written before it fails
+    with pytest.raises(ValueError, match=r"'phi' must be finite: gallery row 9 \(shard 2\) holds Inf or NaN"):
+        build_index(tmp_path, gallery, features, query, shard_rows=4)
+    assert snapshot(tmp_path) == before  # no new generation, no temporary file left
+    assert_same_answers(answers(open_index(tmp_path), queries), served)
+
+    real_embed_shard = IndexWriter.embed_shard
+
+    def interrupted(self, number, *args, **kwargs):
+        if number == 2:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of a rewrite
+        real_embed_shard(self, number, *args, **kwargs)
+
+    monkeypatch.setattr(IndexWriter, "embed_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(tmp_path, gallery, torch.randn(13, P_IMAGE, generator=generator), query, shard_rows=4)
+    assert snapshot(tmp_path) == before
+    assert_same_answers(answers(open_index(tmp_path), queries), served)
+
+
+def test_an_opened_index_is_one_snapshot_while_and_after_the_directory_is_rewritten(generator, tmp_path):
+    query, gallery = tower(generator, P_TEXT), tower(generator, P_IMAGE)
+    queries = query.embed(torch.randn(3, P_TEXT, generator=generator))
+    build_index(tmp_path, gallery, torch.randn(11, P_IMAGE, generator=generator), query, shard_rows=4,
+                ids=torch.arange(100, 111), logit_scale=LOGIT_SCALE)
+    served = answers(open_index(tmp_path), queries)
+    reader = open_index(tmp_path)  # opened, not yet searched: what it reads later must still be this index
+
+    # A rewrite in progress (13 rows, other ids): neither the opened index nor a new reader sees any of it.
+    new_features = torch.randn(13, P_IMAGE, generator=generator)
+    writer = IndexWriter.for_posteriors(tmp_path, gallery, query, rows=13, shard_rows=4, ids=torch.arange(13) - 50,
+                                        logit_scale=LOGIT_SCALE)
+    writer.embed_shard(0, new_features[:4])
+    assert_same_answers(answers(reader, queries), served)
+    assert_same_answers(answers(open_index(tmp_path), queries), served)
+    old_generation = reader.generation
+    assert writer.generation != old_generation
+    for number in (1, 2, 3):
+        start, stop = writer.shard_range(number)
+        writer.embed_shard(number, new_features[start:stop])
+    writer.finish()
+
+    # Switched: new readers get the new index; the one opened before keeps the old answers.
+    rewritten = open_index(tmp_path)
+    assert rewritten.generation == writer.generation and len(rewritten) == 13
+    expected = build_index(tmp_path / "fresh", gallery, new_features, query, shard_rows=4,
+                           ids=torch.arange(13) - 50, logit_scale=LOGIT_SCALE)
+    assert_same_answers(answers(rewritten, queries), answers(expected, queries))
+    assert_same_answers(answers(reader, queries), served)
+    assert os.path.isdir(tmp_path / old_generation)  # kept a round for readers that read the old index.json
+
+    # One more rewrite removes the old generation from disk; the opened index still reads its mapped files.
+    build_index(tmp_path, gallery, torch.randn(5, P_IMAGE, generator=generator), query, shard_rows=4)
+    assert not os.path.exists(tmp_path / old_generation)
+    assert sorted(os.listdir(tmp_path)) == sorted([".index.lock", "fresh", "index.json", writer.generation,
+                                                   open_index(tmp_path).generation])
+    assert_same_answers(answers(reader, queries), served)
+
+
+def test_open_index_reads_again_when_a_rewrite_removed_the_generation_it_read(generator, tmp_path, monkeypatch):
+    import bayesvlm_ext.index as index_module
+
+    query, gallery = tower(generator, P_TEXT), tower(generator, P_IMAGE)
+    build_index(tmp_path, gallery, torch.randn(6, P_IMAGE, generator=generator), query, shard_rows=4)
+    stale = json.loads((tmp_path / "index.json").read_text())
+    for rows in (7, 8):  # two rewrites: the generation `stale` names is gone
+        build_index(tmp_path, gallery, torch.randn(rows, P_IMAGE, generator=generator), query, shard_rows=4)
+    assert not os.path.exists(tmp_path / stale["generation"])
+    real_read = index_module._read_manifest
+    reads = []
+
+    def read_stale_first(directory):  # a reader that read index.json just before the two rewrites
+        reads.append(directory)
+        return stale if len(reads) == 1 else real_read(directory)
+
+    monkeypatch.setattr(index_module, "_read_manifest", read_stale_first)
+    index = open_index(tmp_path)
+    assert len(index) == 8 and len(reads) >= 2
+
+
+def test_version_1_indexes_still_open_and_are_replaced_by_generations(generator, tmp_path):
+    query, gallery = tower(generator, P_TEXT), tower(generator, P_IMAGE)
+    queries = query.embed(torch.randn(3, P_TEXT, generator=generator))
+    index = build_index(tmp_path, gallery, torch.randn(9, P_IMAGE, generator=generator), query, shard_rows=4,
+                        ids=[f"v1-{i}" for i in range(9)], logit_scale=LOGIT_SCALE)
+    served = answers(index, queries)
+    # The version 1 layout: the files beside index.json, no generation.
+    for name in os.listdir(tmp_path / index.generation):
+        os.rename(tmp_path / index.generation / name, tmp_path / name)
+    os.rmdir(tmp_path / index.generation)
+    manifest = json.loads((tmp_path / "index.json").read_text())
+    del manifest["generation"]
+    (tmp_path / "index.json").write_text(json.dumps({**manifest, "version": 1}))
+    old = open_index(tmp_path)
+    assert old.generation is None
+    assert_same_answers(answers(old, queries), served)
+    build_index(tmp_path, gallery, torch.randn(5, P_IMAGE, generator=generator), query, shard_rows=4)
+    assert os.path.isfile(tmp_path / "shard-00000.safetensors")  # kept a round, like any replaced generation
+    assert_same_answers(answers(old, queries), served)
+    build_index(tmp_path, gallery, torch.randn(6, P_IMAGE, generator=generator), query, shard_rows=4)
+    assert not any(name.startswith(("shard-", "shared", "ids")) for name in os.listdir(tmp_path))
+    assert len(open_index(tmp_path)) == 6
+
+
+def test_concurrent_writers_both_finish_and_the_last_switch_wins(generator, tmp_path):
+    query, gallery = tower(generator, P_TEXT), tower(generator, P_IMAGE)
+    build_index(tmp_path, gallery, torch.randn(5, P_IMAGE, generator=generator), query, shard_rows=4)
+    first, second = (IndexWriter.for_posteriors(tmp_path, gallery, query, rows=rows, shard_rows=8)
+                     for rows in (6, 7))
+    first.embed_shard(0, torch.randn(6, P_IMAGE, generator=generator))
+    second.embed_shard(0, torch.randn(7, P_IMAGE, generator=generator))
+    first.finish()  # its clean-up leaves the other writer's newer, unfinished generation alone
+    second.finish()
+    assert len(open_index(tmp_path)) == 7 and open_index(tmp_path).generation == second.generation
+    assert os.path.isdir(tmp_path / first.generation)
+    with pytest.raises(ValueError, match="'generation' must be a folder name"):
+        IndexWriter.for_posteriors(tmp_path, gallery, query, rows=7, generation="../outside")
 
 
 # ---- search and merge_topk ------------------------------------------------------------------------------
@@ -424,9 +573,78 @@ def test_command_errors(generator, tmp_path, capsys):
     write_fit_output(narrow, generator, d=D - 1)
     fails([*retrieve[:3], "--posterior", narrow, *retrieve[5:], "--k", "2", "--logit-scale", "1"], "has D = 4")
     manifest = tmp_path / "index" / "index.json"
-    manifest.write_text(manifest.read_text().replace('"version": 1', '"version": 7'))
+    manifest.write_text(manifest.read_text().replace('"version": 2', '"version": 7'))
     fails([*retrieve, "--k", "2", "--logit-scale", "1"], "format version 7 is not supported")
     assert not (tmp_path / "out.jsonl").exists()  # nothing written by a failed run
+
+
+def index_and_query_files(tmp_path, generator):
+    """(fit directory, `index` arguments without --features, `retrieve` arguments without --out)."""
+    fit = str(tmp_path / "fit")
+    write_fit_output(fit, generator)
+    write_features(tmp_path / "gallery.safetensors", generator, 12, P_IMAGE, ids=torch.arange(12) + 70)
+    write_features(tmp_path / "queries.safetensors", generator, 5, P_TEXT)
+    index = ["index", "--posterior", fit, "--tower", "image", "--out", str(tmp_path / "index"), "--shard-rows", "5",
+             "--logit-scale", str(LOGIT_SCALE), "--quiet"]
+    retrieve = ["retrieve", "--index", str(tmp_path / "index"), "--posterior", fit, "--queries",
+                str(tmp_path / "queries.safetensors"), "--k", "4", "--batch-size", "2", "--quiet"]
+    return fit, index, retrieve
+
+
+def test_index_command_failing_rebuild_keeps_the_old_index(generator, tmp_path, capsys):
+    _, index, retrieve = index_and_query_files(tmp_path, generator)
+    assert main([*index, "--features", str(tmp_path / "gallery.safetensors")]) == 0
+    assert main([*retrieve, "--out", str(tmp_path / "before.jsonl")]) == 0
+    before = snapshot(tmp_path / "index")
+    bad = write_features(tmp_path / "bad.safetensors", generator, 14, P_IMAGE)
+    bad["features"][11, 0] = float("-inf")  # shard 2 of 3: shards 0 and 1 are written first
+    save_file(bad, tmp_path / "bad.safetensors")
+    capsys.readouterr()
+    command_fails(main, capsys, [*index, "--features", str(tmp_path / "bad.safetensors")],
+                  "the feature row of gallery item 11 holds Inf or NaN")
+    assert snapshot(tmp_path / "index") == before  # byte for byte: no new generation, no temporary file
+    assert main([*retrieve, "--out", str(tmp_path / "after.jsonl")]) == 0
+    assert (tmp_path / "after.jsonl").read_bytes() == (tmp_path / "before.jsonl").read_bytes()
+    # a good rebuild switches over and removes nothing the old index needed until the next round
+    assert main([*index, "--features", str(tmp_path / "gallery.safetensors"), "--shard-rows", "4"]) == 0
+    assert len(open_index(tmp_path / "index").shards) == 3
+
+
+def test_retrieve_out_is_written_through_symlinks_and_never_replaces_other_files(generator, tmp_path, capsys):
+    import stat
+
+    _, index, retrieve = index_and_query_files(tmp_path, generator)
+    assert main([*index, "--features", str(tmp_path / "gallery.safetensors")]) == 0
+    assert main([*retrieve, "--out", str(tmp_path / "plain.jsonl")]) == 0
+    expected = (tmp_path / "plain.jsonl").read_bytes()
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "target.jsonl").write_text("old\n")
+    os.symlink(results / "target.jsonl", tmp_path / "link.jsonl")
+    assert main([*retrieve, "--out", str(tmp_path / "link.jsonl")]) == 0
+    assert os.path.islink(tmp_path / "link.jsonl")  # the link stays a link; its target got the results
+    assert (results / "target.jsonl").read_bytes() == expected
+    capsys.readouterr()
+
+    def listing():
+        return sorted(os.listdir(tmp_path)), sorted(os.listdir(results))
+
+    os.mkfifo(results / "pipe")  # not a regular file, like a device node: refused before any work
+    unchanged = listing()
+    command_fails(main, capsys, [*retrieve, "--out", str(results / "pipe")], "is not a regular file", status=2)
+    assert stat.S_ISFIFO(os.lstat(results / "pipe").st_mode)
+    command_fails(main, capsys, [*retrieve, "--out", str(results)], "is a directory; give a file name", status=2)
+    assert listing() == unchanged  # no temporary file anywhere
+
+    # NaN in the second batch of queries: a clear error; the old results stay, no temporary file is left.
+    queries = write_features(tmp_path / "nan.safetensors", generator, 5, P_TEXT)
+    queries["features"][3, 1] = float("nan")
+    save_file(queries, tmp_path / "nan.safetensors")
+    unchanged = listing()
+    command_fails(main, capsys, [*retrieve[:5], "--queries", str(tmp_path / "nan.safetensors"), *retrieve[7:],
+                                 "--out", str(results / "target.jsonl")],
+                  "the feature row of query 3 holds Inf or NaN")
+    assert listing() == unchanged and (results / "target.jsonl").read_bytes() == expected
 
 
 def tiny_open_clip_name(folder):
@@ -489,10 +707,11 @@ def test_index_command_from_images_with_an_open_clip_model(generator, tmp_path, 
         for field in ("mean", "alpha", "sq_norm", "cross_quad"):
             expected = torch.cat([getattr(part, field) for part in parts])
             assert torch.equal(getattr(index.shard(number), field), expected), field
-    # an unreadable image fails the run (exit 1, no index.json); a folder lists its images by name
+    # a folder lists its images by name; an unreadable one is reported and left out (tests/test_index_images.py)
     (folder / "2.png").write_bytes(b"not an image")
-    assert main([*command, "--images", str(folder), "--out", str(tmp_path / "broken")]) == 1
-    assert "cannot read" in capsys.readouterr().err and not (tmp_path / "broken" / "index.json").exists()
+    assert main([*command, "--images", str(folder), "--out", str(tmp_path / "broken")]) == 0
+    assert f"image {folder / '2.png'}: cannot be read" in capsys.readouterr().err
+    assert open_index(tmp_path / "broken").ids_of(torch.arange(4)) == ["0.png", "1.png", "3.png", "4.png"]
     assert main([*command, "--tower", "text", "--images", str(folder), "--out", str(tmp_path / "text")]) == 1
     assert "use it with --tower image" in capsys.readouterr().err
 
@@ -533,10 +752,16 @@ def test_index_and_retrieve_under_torchrun_match_one_process(generator, tmp_path
                                str(tmp_path / "queries.safetensors"), "--k", "12", "--score", "probit", "--out",
                                str(tmp_path / f"{name}.jsonl"), "--batch-size", "4", "--quiet"], launcher, capsys)
         assert ("2 processes" in printed) == (name == "two")
-    files = sorted(os.listdir(tmp_path / "one"))
-    assert files == sorted(os.listdir(tmp_path / "two")) and "shard-00004.safetensors" in files
+    # Both ranks wrote into the one generation rank 0 named; its files equal the one-process run's byte for byte.
+    generations = {name: open_index(tmp_path / name).generation for name in ("one", "two")}
+    assert sorted(os.listdir(tmp_path / "two")) == sorted([".index.lock", "index.json", generations["two"]])
+    files = sorted(os.listdir(tmp_path / "one" / generations["one"]))
+    assert files == sorted(os.listdir(tmp_path / "two" / generations["two"])) and "shard-00004.safetensors" in files
     for file in files:
-        assert (tmp_path / "one" / file).read_bytes() == (tmp_path / "two" / file).read_bytes(), file
+        assert (tmp_path / "one" / generations["one"] / file).read_bytes() == \
+            (tmp_path / "two" / generations["two"] / file).read_bytes(), file
+    manifests = [json.loads((tmp_path / name / "index.json").read_text()) for name in ("one", "two")]
+    assert {**manifests[0], "generation": None} == {**manifests[1], "generation": None}
     one, two = (tmp_path / "one.jsonl").read_bytes(), (tmp_path / "two.jsonl").read_bytes()
     assert one == two
     lines = read_jsonl(tmp_path / "one.jsonl")
@@ -556,3 +781,17 @@ def test_index_and_retrieve_under_torchrun_match_one_process(generator, tmp_path
     values, rows = torch.cat([batch[0] for batch in found]), torch.cat([batch[1] for batch in found])
     assert [line["ids"] for line in lines] == index.ids_of(rows)
     assert [line["scores"] for line in lines] == values.tolist()
+
+    # A rewrite that fails on rank 1 (an Inf in its block, shards 2-4) leaves the two-process index as it was:
+    # rank 0 removes the generation both ranks wrote into.
+    before = snapshot(tmp_path / "two")
+    bad = write_features(tmp_path / "bad.safetensors", generator, 23, P_IMAGE)
+    bad["features"][17, 3] = float("inf")
+    save_file(bad, tmp_path / "bad.safetensors")
+    result = subprocess.run([sys.executable, *torchrun, "-m", "bayesvlm_ext", "index", "--posterior", fit, "--tower",
+                             "image", "--features", str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "two"),
+                             "--shard-rows", "5", "--quiet"], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0, result.stdout
+    assert "the feature row of gallery item 17 holds Inf or NaN" in result.stderr and "(rank 1)" in result.stderr
+    assert snapshot(tmp_path / "two") == before

@@ -48,6 +48,21 @@ def test_train_command_writes_a_loadable_adapter_and_its_history(tmp_path, capsy
         assert torch.equal(t, model.state_dict()[name]), name
 
 
+def test_train_command_refuses_outputs_it_cannot_replace_before_training(tmp_path, capsys):
+    write_pairs(tmp_path / "pairs.safetensors")
+    out = tmp_path / "adapter"
+    (out / "history.json").mkdir(parents=True)  # in the way of a file the command writes after training
+    command = ["probvlm-train", "--embeddings", str(tmp_path / "pairs.safetensors"), "--out", str(out), "--hidden",
+               "16", "--epochs", "1", "--quiet"]
+    command_fails(main, capsys, command, f"--out {out / 'history.json'}: is a directory; give a file name", status=2)
+    assert os.listdir(out) == ["history.json"]  # nothing trained, nothing saved
+    os.rmdir(out / "history.json")
+    os.symlink(tmp_path / "kept.json", out / "history.json")  # a link is written through and stays a link
+    assert main(command) == 0
+    assert os.path.islink(out / "history.json") and json.load(open(tmp_path / "kept.json"))["epochs"] == 1
+    assert sorted(os.listdir(out)) == ["history.json", "probvlm.json", "probvlm.safetensors"]  # no temporary file
+
+
 def test_train_command_resumes(tmp_path, capsys):
     whole = train(tmp_path)
     pairs = str(tmp_path / "pairs.safetensors")
@@ -62,6 +77,25 @@ def test_train_command_resumes(tmp_path, capsys):
     assert a.image.fingerprint() == b.image.fingerprint() and a.text.fingerprint() == b.text.fingerprint()
     assert main([*common, "--epochs", "3", "--lr", "1e-3"]) == 1
     assert "other settings or data (differs in lr)" in capsys.readouterr().err
+
+
+def test_train_command_fails_cleanly_on_embeddings_it_cannot_train_on(tmp_path, capsys):
+    # Finite or fail (issue 15): embeddings of 1e20 saved an adapter of NaN weights with exit 0.
+    image, text = paired_embeddings(120, D)
+    save_file({"image": image * 1e20, "text": text * 1e20}, tmp_path / "huge.safetensors")
+    out = tmp_path / "adapter"
+    command = ["probvlm-train", "--embeddings", str(tmp_path / "huge.safetensors"), "--out", str(out), "--hidden", "16",
+               "--epochs", "2", "--quiet"]
+    command_fails(main, capsys, command, "error: train_probvlm: training diverged: the training loss of epoch 0")
+    assert not out.exists() or os.listdir(out) == []  # no adapter, no history: nothing half-trained
+    # NaN or Inf rows are refused before training, naming the file, the tensor and the rows.
+    text = text.clone()
+    text[7, 1] = float("nan")
+    save_file({"image": image, "text": text}, tmp_path / "nan.safetensors")
+    command[2] = str(tmp_path / "nan.safetensors")
+    command_fails(main, capsys, command, f"error: --embeddings {tmp_path / 'nan.safetensors'}: argument 'text' "
+                                         "contains NaN or Inf in row 7")
+    assert not out.exists() or os.listdir(out) == []
 
 
 @pytest.mark.parametrize("uncertainty,mean,score", [("total", "input", "probit"), ("epistemic", "adapter", "mean"),

@@ -52,3 +52,48 @@ def tiny_open_clip(seed: int = 0):
     vision = open_clip.CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=32)
     text = open_clip.CLIPTextCfg(context_length=8, vocab_size=64, width=32, heads=2, layers=1)
     return open_clip.CLIP(embed_dim=12, vision_cfg=vision, text_cfg=text).eval()
+
+
+def tiny_open_clip_config(folder: str, name: str = "Tiny-CLI-Test") -> str:
+    """Registers a tiny open_clip config (32-pixel images in 8-pixel patches, 8-token texts over open_clip's own
+    vocabulary, width 32, embeddings of 12) under `name`, so that the commands build it by name in milliseconds."""
+    import json
+    import os
+
+    import open_clip
+
+    config = {"embed_dim": 12, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                                              "patch_size": 8},
+              "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{name}.json"), "w") as f:
+        json.dump(config, f)
+    open_clip.add_model_config(folder)
+    return name
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height RGB pixels (valid chunks and CRCs) with almost no pixel data:
+    Pillow refuses it at Image.open as a decompression bomb when width * height > 2 * Image.MAX_IMAGE_PIXELS."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+def truncated_png(path: str, size: int = 24) -> None:
+    """Writes the first half of a noisy size x size PNG to `path`: its header opens, its pixels do not decode."""
+    import io
+
+    from PIL import Image
+
+    pixels = torch.randint(0, 256, (size, size, 3), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buffer, format="PNG")
+    with open(path, "wb") as f:
+        f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
