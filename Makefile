@@ -47,10 +47,11 @@ test: test-cpp test-python test-sanitize-cpu
 # The CPU kernels under AddressSanitizer + UBSan (setup.py's BAYESVLM_EXT_SANITIZE), built beside the normal
 # extension in build/asan/ and loaded in its place through BAYESVLM_EXT_LIBRARY. Python itself is not
 # instrumented, so libasan is preloaded, with libstdc++ (else ASan cannot find the real __cxa_throw and a
-# C++ exception aborts). Any out-of-bounds access or undefined operation aborts the run.
+# C++ exception aborts). Any out-of-bounds access or undefined operation aborts the run; --capture=sys leaves
+# file descriptor 2 alone, so the sanitizer's report is printed rather than lost with pytest's capture.
 ASAN_LIB_DIR := build/asan/lib
 SANITIZE_CPU_TESTS := tests/test_ops.py tests/test_fused_ops.py tests/test_degenerate.py tests/test_fuzz.py \
-	tests/test_retrieval.py tests/test_index.py -q -p no:cacheprovider
+	tests/test_retrieval.py tests/test_index.py -q -p no:cacheprovider --capture=sys
 sanitize-cpu: $(VENV)/.deps-installed $(CSRC)
 	mkdir -p build
 	BAYESVLM_EXT_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib $(ASAN_LIB_DIR) --build-temp build/asan/tmp \

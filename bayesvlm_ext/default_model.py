@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import shapes
+from ._files import replacing
 
 __all__ = ["ModelConfig", "TrainingConfig", "build_model", "train_default_model", "load_default_model",
            "cache_directory"]
@@ -163,7 +164,7 @@ def load_default_model(
     os.makedirs(folder, exist_ok=True)
     metadata = {"seconds": f"{time.perf_counter() - start:.1f}", "final_loss": f"{losses[-1]:.4f}",
                 "model": json.dumps(asdict(model_config)), "training": json.dumps(asdict(training))}
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)  # another process training the same model at once cannot leave a torn file
+    # Written aside and renamed: another process training the same model at once cannot leave a torn file.
+    with replacing(path, "default model cache") as temporary:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, temporary, metadata=metadata)
     return model

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._files import replacing
 from ._savedir import read_config, read_header, read_tensors, saved_files, write_saved
 from ._validation import accumulation_dtype, check_finite_rows, check_tensor, parse_enum
 from .distribution import EmbeddingDistribution
@@ -591,9 +592,8 @@ def _save_checkpoint(path, settings, model, optimizer, history, best_state, bad_
     state = {"version": CHECKPOINT_VERSION, "settings": json.dumps(settings, sort_keys=True),
              "model": model.state_dict(), "optimizer": optimizer.state_dict(), "best_state": best_state,
              "bad_epochs": bad_epochs, "history": json.dumps(asdict(history))}
-    tmp = f"{os.fspath(path)}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact
+    with replacing(path, "argument 'checkpoint'") as temporary:  # a crash mid-save keeps the previous checkpoint
+        torch.save(state, temporary)
 
 
 def _load_checkpoint(path, settings, model, optimizer):

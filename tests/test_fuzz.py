@@ -18,6 +18,7 @@ one side of a pair has 1e30 rows), so there every backend must agree on every Na
 """
 
 import math
+import tempfile
 
 import pytest
 import torch
@@ -26,12 +27,14 @@ from hypothesis import strategies as st
 from testing import devices, dtypes, error_budget
 
 import bayesvlm_ext
-from bayesvlm_ext import merge_topk, ops, reference
+from bayesvlm_ext import EmbeddingDistribution, cosine_moments, merge_topk, ops, reference, topk
+from bayesvlm_ext.index import save_index, search
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 SPECIAL = (math.nan, math.inf, -math.inf)
 SCORES = ("mean", "pessimistic", "optimistic", "probit")
+SCORE_CODE = {name: code for code, name in enumerate(SCORES)}
 
 
 def acc_dtype(dtype):
@@ -278,3 +281,48 @@ def test_fuzz_runs_the_compiled_kernels():
     # The properties above hold trivially if every call fell back to the reference.
     assert torch.ops.bayesvlm_ext.topk_moments.default.has_kernel_for_dispatch_key("CPU")
     assert torch.ops.bayesvlm_ext.item_stats.default.has_kernel_for_dispatch_key("CPU")
+
+
+@st.composite
+def distributions(draw, rows, d, form, dtype):
+    """An EmbeddingDistribution of `form` with fuzzed means (zero, NaN, +-Inf rows; rows scaled by 1e-30, 1 and,
+    within the dtype's range for ||mean||^2, 1e15 (float32) or 1e30 (float64)) and valid covariance parts."""
+    big = 1e15 if dtype == torch.float32 else 1e30
+    mean = draw(matrices(rows, d, scales=(1e-30, 1.0, big))).to(dtype)
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0].to(dtype)
+    if form == "kron":
+        eigvals = torch.rand(d, generator=g, dtype=torch.float64).to(dtype)
+        shared = (basis * eigvals) @ basis.T
+        alpha = torch.tensor([0.0, 0.5, 1.0, 2.0], dtype=dtype)[torch.randint(0, 4, (rows,), generator=g)]
+        return EmbeddingDistribution.kron(mean, alpha, (shared + shared.T) / 2)
+    spread = torch.tensor([0.0, 0.5, 1.0], dtype=dtype)[torch.randint(0, 3, (rows, d), generator=g)]
+    if form == "eigen":
+        return EmbeddingDistribution.eigen(mean, spread, basis)
+    return EmbeddingDistribution.diagonal(mean, spread)
+
+
+@settings(FUZZ, max_examples=100)
+@given(data=st.data(), form=st.sampled_from(("kron", "eigen", "diag")),
+       dtype=st.sampled_from((torch.float32, torch.float64)), n=st.integers(0, 6), m=st.integers(1, 60),
+       d=st.integers(1, 6), score=st.sampled_from(SCORES), shard_rows=st.integers(1, 25))
+def test_fuzz_public_topk_and_index_search(data, form, dtype, n, m, d, score, shard_rows):
+    # The public path: structured distributions, cached statistics, the sharded on-disk index and its merge.
+    queries = data.draw(distributions(n, d, form, dtype))
+    gallery = data.draw(distributions(m, d, form, dtype))
+    k = data.draw(st.integers(1, m))
+    scale, kappa = 10.0, 0.5
+    mean, var = cosine_moments(queries, gallery, math.log(scale))
+    key = reference.topk_scores(mean.double(), var.double(), SCORE_CODE[score], kappa)
+    # |cosine| <= 1 and its variance <= 1 (Cauchy-Schwarz), so every key is a difference of terms of size at
+    # most scale (1 + kappa): the rounding budget of every key.
+    magnitude = torch.full_like(key, scale * (1 + kappa))
+    tol = error_budget(dtype)
+    found = topk(queries, gallery, k, score, kappa, logit_scale=math.log(scale))
+    assert_best_k(key, magnitude, found[1], tol, "topk")
+    with tempfile.TemporaryDirectory() as folder:
+        index = save_index(folder, gallery.precompute(), shard_rows=shard_rows, logit_scale=math.log(scale))
+        searched = search(index, queries, k, score, kappa)
+        assert all(len(set(row)) == k for row in searched[1].tolist()), "search returned a row twice"
+        assert_best_k(key, magnitude, searched[1], tol, "search")
+        del index, searched  # unmap the shards before the folder goes
