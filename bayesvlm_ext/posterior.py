@@ -11,7 +11,6 @@ features whose statistics overflow their dtype, evidence without a finite optimu
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -530,13 +529,7 @@ def _load_factor(file: str, map_location: torch.device | str) -> Tensor:
 def _read_hyperparameters(json_file: str, tower: str) -> dict[str, float]:
     """lambda_<tower> and n_<tower> from prior_precision_analytic.json: positive finite numbers, or a ValueError
     naming the file and the key."""
-    try:
-        with open(json_file, encoding="utf-8") as f:
-            hyper = json.load(f)
-    except ValueError as error:  # json.JSONDecodeError and UnicodeDecodeError: the file is damaged
-        raise ValueError(f"{json_file} is not valid JSON ({error})") from None
-    if not isinstance(hyper, dict):
-        raise ValueError(f"{json_file} must hold a JSON object, got {type(hyper).__name__}")
+    hyper = read_config(json_file, "KronPosterior.from_bayesvlm_dir")
     for key in (f"lambda_{tower}", f"n_{tower}"):
         if key not in hyper:
             raise ValueError(f"{json_file} lacks the key '{key}'")
