@@ -17,11 +17,14 @@ from .predictive import Link, accuracy, ece, nlpd, predictive, reliability
 from .probvlm import (GGDParams, LossWeights, ProbVLM, ProbVLMAdapter, TrainingHistory, ggd_nll, ggd_variance,
                       train_probvlm)
 from .retrieval import Score, merge_topk, topk
+from .vlm import BayesVLM, ZeroShot
 from .zeroshot import ZeroShotClassifier, template_average
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # the object around a model: both towers' posteriors, encode, logits, zero-shot, top-k, update
+    "BayesVLM", "ZeroShot",
     # posterior, curvature and fitting
     "KronPosterior", "Damping", "FactorReport", "kfac_factors", "FactorAccumulator", "Likelihood", "fit_factors",
     "ClassBatchSampler", "TowerFactors",

@@ -14,8 +14,9 @@ Pillow's decompression-bomb limit Image.MAX_IMAGE_PIXELS) or to preprocess is co
 left. `--resume` checkpoints to DIR/checkpoint.pt and resumes only from a checkpoint made from the same
 pairs file (its sha256 and usable lines), model (name, --pretrained, --precision, --seed, a digest of its
 weights), likelihood, --class-batch-size and --batch-size; any other is refused, naming what differs.
-DIR receives `posterior_image/` and `posterior_text/` (KronPosterior.save, tuned prior precision)
-and `bayesvlm/`, the published factor format of SPEC.md section 10. Without --pretrained the
+DIR receives what `BayesVLM.save` writes, `BayesVLM.load(DIR, model)` reads: `posterior_image/` and
+`posterior_text/` (KronPosterior.save, tuned prior precision), `bayesvlm/`, the published factor format
+of SPEC.md section 10, and `bayesvlm.json`; beside them `summary.json`. Without --pretrained the
 model is random-initialised (for tests; its factors mean nothing).
 
 Under `torchrun --nproc-per-node K` (gloo on CPU, nccl with --device cuda: rank r uses cuda:LOCAL_RANK)
@@ -60,23 +61,21 @@ from typing import NamedTuple
 
 import torch
 
-from ._files import atomic_open, output_directory, output_file, replacing, write_json
+from ._files import atomic_open, output_directory, output_file, write_json
 from ._validation import LOGIT_SCALE_MAX, accumulation_dtype, check_finite_rows
 from .curvature import DEFAULT_CLASS_BATCH_SIZE, Likelihood, collective_device
 from .distribution import CovarianceForm, EmbeddingDistribution
-from .fit import TOWERS, ClassBatchSampler, fit_factors, weights_digest
+from .fit import ClassBatchSampler, weights_digest
 from .index import DEFAULT_SHARD_ROWS, IndexWriter, RetrievalIndex, first_non_finite_row, new_generation, open_index, \
     open_safetensors, posterior_summary, search
-from .posterior import CONFIG_FILE as POSTERIOR_CONFIG
-from .posterior import TENSORS_FILE as POSTERIOR_TENSORS
 from .posterior import KronPosterior
 from .probvlm import (DEFAULT_DEPTH, DEFAULT_DROPOUT, DEFAULT_EMBED_OPTIONS, DEFAULT_HIDDEN, DEFAULT_LR, LossWeights,
                       MeanSource, ProbVLM, ProbVLMAdapter, Uncertainty, train_probvlm)
 from .probvlm import CONFIG_FILE as PROBVLM_CONFIG
 from .probvlm import TENSORS_FILE as PROBVLM_TENSORS
 from .retrieval import Score, merge_topk
+from .vlm import BayesVLM
 
-PUBLISHED_TOWER = {"image": "img", "text": "txt"}
 OTHER_TOWER = {"image": "text", "text": "image"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -304,7 +303,6 @@ def _fit(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     if pretrained is None:
         say("warning: no --pretrained: a random-initialised model (for tests only)", file=sys.stderr)
     tokenizer = open_clip.get_tokenizer(args.model)
-    likelihood = args.likelihood or ("siglip" if "siglip" in args.model.lower() else "infonce")
 
     # Every rank reads the same file and finds the same bad lines: rank 0 reports them.
     dataset = PairsDataset(args.pairs, preprocess, tokenizer, report=lambda message: say(message, file=sys.stderr))
@@ -329,8 +327,9 @@ def _fit(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, collate_fn=list)
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
-    try:
-        fits = fit_factors(model, _SkippingLoader(loader, skipped, loader_report), likelihood=likelihood,
+    try:  # factors, both posteriors and their lambdas before any file: a fit that fails writes nothing
+        vlm = BayesVLM.fit(model, _SkippingLoader(loader, skipped, loader_report), likelihood=args.likelihood,
+                           damping=args.damping, pseudo_count=args.pseudo_count,
                            class_batch_size=args.class_batch_size, device=device,
                            checkpoint=os.path.join(args.out, "checkpoint.pt") if args.resume else None,
                            fingerprint=fingerprint, progress=not args.quiet, distributed=world > 1)
@@ -342,34 +341,15 @@ def _fit(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     if rank != 0:
         return 0
 
-    hyper, summary = {}, {"pairs": fits["image"].count, "skipped": dict(skipped), "seconds": elapsed,
-                          "likelihood": likelihood, "processes": world, "pseudo_count": args.pseudo_count,
-                          "towers": {}}
-    posteriors = {}
-    try:  # every posterior and its lambda before any file: a fit without curvature writes nothing
-        for tower in TOWERS:
-            fit = fits[tower]
-            posteriors[tower] = KronPosterior(fit.A, fit.B, fit.weight, fit.bias, pseudo_count=args.pseudo_count,
-                                              damping=args.damping)
-            lam = posteriors[tower].optimize_prior_precision()
-            short = PUBLISHED_TOWER[tower]
-            hyper[f"lambda_{short}"], hyper[f"n_{short}"] = lam, posteriors[tower].pseudo_count
-            report = posteriors[tower].factor_report
-            summary["towers"][tower] = {
-                "A_eigenvalues": [report["A"].min_eigenvalue, report["A"].max_eigenvalue],
-                "B_eigenvalues": [report["B"].min_eigenvalue, report["B"].max_eigenvalue],
-                "prior_precision": lam,
-            }
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    published = os.path.join(args.out, "bayesvlm")
-    for tower, posterior in posteriors.items():  # each file written aside and renamed (bayesvlm_ext._files)
-        posterior.save(os.path.join(args.out, f"posterior_{tower}"))
-        for name, factor in (("A", fits[tower].A), ("B", fits[tower].B)):
-            with replacing(os.path.join(published, f"{name}_{PUBLISHED_TOWER[tower]}_analytic.pt"), "--out") as temp:
-                torch.save(factor.float().cpu().contiguous(), temp)
-    write_json(os.path.join(published, "prior_precision_analytic.json"), hyper, "--out")
+    likelihood = vlm.likelihood.value
+    summary = {"pairs": vlm.num_data, "skipped": dict(skipped), "seconds": elapsed, "likelihood": likelihood,
+               "processes": world, "pseudo_count": args.pseudo_count, "towers": {}}
+    for tower, posterior in vlm.posteriors.items():
+        report = posterior.factor_report
+        summary["towers"][tower] = {"A_eigenvalues": [report["A"].min_eigenvalue, report["A"].max_eigenvalue],
+                                    "B_eigenvalues": [report["B"].min_eigenvalue, report["B"].max_eigenvalue],
+                                    "prior_precision": posterior.prior_precision}
+    vlm.save(args.out)  # posterior_image/, posterior_text/, bayesvlm/ (SPEC 10), bayesvlm.json
     write_json(os.path.join(args.out, "summary.json"), summary, "--out")
     print(f"fitted {summary['pairs']} pairs in {elapsed:.1f} s ({likelihood}, {world} process"
           f"{'es' if world > 1 else ''}); skipped: {dict(skipped) or 'none'}")
@@ -377,7 +357,7 @@ def _fit(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
         print(f"  {tower:5s}  A eigenvalues [{info['A_eigenvalues'][0]:.3g}, {info['A_eigenvalues'][1]:.3g}]  "
               f"B eigenvalues [{info['B_eigenvalues'][0]:.3g}, {info['B_eigenvalues'][1]:.3g}]  "
               f"lambda {info['prior_precision']:.4g}")
-    print(f"wrote {args.out}/posterior_image, {args.out}/posterior_text, {published}/")
+    print(f"wrote {args.out}/posterior_image, {args.out}/posterior_text, {args.out}/bayesvlm/")
     return 0
 
 
@@ -1103,10 +1083,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error(f"--pseudo-count must be a positive finite number, got {args.pseudo_count}")
     if not os.path.isfile(args.pairs):
         build_parser().error(f"--pairs {args.pairs}: no such file")
-    fit_files = ["summary.json", "bayesvlm/prior_precision_analytic.json"]
-    fit_files += [f"bayesvlm/{name}_{short}_analytic.pt" for name in "AB" for short in PUBLISHED_TOWER.values()]
-    fit_files += [f"posterior_{tower}/{name}" for tower in TOWERS for name in (POSTERIOR_TENSORS, POSTERIOR_CONFIG)]
-    _check_output_directory(build_parser(), args.out, fit_files)
+    _check_output_directory(build_parser(), args.out, ["summary.json", *BayesVLM.saved_files()])
     return fit_command(args)
 
 

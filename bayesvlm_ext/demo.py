@@ -95,12 +95,8 @@ def features(model: nn.Module, tower: str, inputs: Tensor, batch_size: int = 102
 
 def fit_posteriors(model: nn.Module, data: shapes.ShapesData) -> dict[str, KronPosterior]:
     loader = torch.utils.data.DataLoader(PairsDataset(data), batch_size=512)
-    fits = bayesvlm_ext.fit_factors(model, loader, likelihood="infonce", class_batch_size=FIT_PAIRS, progress=False)
-    posteriors = {}
-    for tower, fit in fits.items():
-        posteriors[tower] = KronPosterior(fit.A, fit.B, fit.weight, fit.bias, damping="kron")
-        posteriors[tower].optimize_prior_precision()
-    return posteriors
+    return bayesvlm_ext.BayesVLM.fit(model, loader, likelihood="infonce", class_batch_size=FIT_PAIRS,
+                                     progress=False).posteriors
 
 
 def unit_embeddings(posterior: KronPosterior, phi: Tensor) -> Tensor:  # [N, D] float32

@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from .capture import ProjectionSite, capture, find_projection
 from .curvature import DEFAULT_CLASS_BATCH_SIZE, FactorAccumulator, Likelihood, collective_device, distributed_rank
 
-__all__ = ["TowerFactors", "ClassBatchSampler", "fit_factors", "weights_digest"]
+__all__ = ["TowerFactors", "ClassBatchSampler", "fit_factors", "weights_digest", "model_logit_params",
+           "unnormalised_encoder"]
 
 TOWERS = ("image", "text")
 CHECKPOINT_VERSION = 2  # 2: records its inputs (version 1 did not, so it cannot be checked)
@@ -288,6 +289,12 @@ def _all_ranks(flag: bool, group) -> bool:
 def _add_class_batch(accumulators: dict[str, FactorAccumulator], pairs: dict[str, Tensor]) -> None:
     accumulators["image"].update(pairs["image_features"], pairs["image_embeddings"], pairs["text_embeddings"])
     accumulators["text"].update(pairs["text_features"], pairs["text_embeddings"], pairs["image_embeddings"])
+
+
+def model_logit_params(model: nn.Module) -> tuple[float, float]:
+    """(log s, beta) as the model stores them: `logit_scale` (open_clip and Hugging Face keep log s) and
+    `logit_bias` (SigLIP; 0 for a model without one). ValueError when the model has no `logit_scale`."""
+    return _model_scalar(model, "logit_scale"), _model_scalar(model, "logit_bias", 0.0)
 
 
 def _model_scalar(model: nn.Module, name: str, default: float | None = None) -> float:

@@ -145,9 +145,20 @@ class ZeroShotClassifier:
         generator: torch.Generator | None = None,
     ) -> Tensor:  # [N, C] probabilities (rows sum to 1 for "softmax")
         """Predictive probabilities (SPEC.md section 5): probit or Monte Carlo over the Gaussian logits."""
+        return self.probabilities(*self.logits(image_features, image_residual), link, num_samples, generator)
+
+    def probabilities(
+        self,
+        mean: Tensor,  # [N, C] logit means, e.g. from `logits`
+        var: Tensor,  # [N, C] logit variances
+        link: str = "probit",  # "probit" or "mc"
+        num_samples: int = 1000,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:  # [N, C]
+        """The predictive of this classifier's likelihood from logit moments: softmax ("softmax") or
+        elementwise sigmoid ("sigmoid") under the probit approximation or Monte Carlo (SPEC.md section 5)."""
         if link not in ("probit", "mc"):
             raise ValueError(f"argument 'link' must be 'probit' or 'mc', got {link!r}")
-        mean, var = self.logits(image_features, image_residual)
         if self.likelihood is ZeroShotLikelihood.SIGMOID:
             link = "sigmoid" if link == "probit" else "mc_sigmoid"
         return predictive(mean, var, link=link, num_samples=num_samples, generator=generator)
@@ -158,8 +169,14 @@ class ZeroShotClassifier:
         image_residual: Tensor | None = None,  # [N, D]
     ) -> Tensor:  # [N, C] the deterministic model's probabilities
         """The MAP model: softmax (or sigmoid) of s cos(g*_img, t*_c) + beta, no uncertainty."""
-        images = self.image_posterior.embed(image_features, image_residual)
-        x = torch.nn.functional.normalize(images.mean, dim=1)
+        return self.map_probabilities_of(self.image_posterior.embed(image_features, image_residual).mean)
+
+    def map_probabilities_of(
+        self,
+        image_embeddings: Tensor,  # [N, D] unnormalised MAP image embeddings (the model's own output)
+    ) -> Tensor:  # [N, C]
+        """`map_probabilities` from embeddings already computed."""
+        x = torch.nn.functional.normalize(image_embeddings, dim=1)
         y = torch.nn.functional.normalize(self.classes.mean.to(x.dtype), dim=1)
         scale = float(torch.as_tensor(self.logit_scale).exp())
         logits = scale * x @ y.T + float(self.logit_bias)

@@ -277,36 +277,22 @@ def fit_posteriors(model, preprocess, tokenizer, args, siglip: bool, save_to: st
                                          collate_fn=list)
     # drops the pairs whose image (or caption) fails to load, counting and reporting them
     readable = _SkippingLoader(loader, dataset.skipped, report)
-    fits = bayesvlm_ext.fit_factors(model, readable, likelihood="siglip" if siglip else "infonce",
-                                    class_batch_size=args.class_batch_size, progress=not args.quiet)
-    print(f"fitted on {fits['image'].count} pairs from {args.fit_pairs} (skipped: {dict(dataset.skipped) or 'none'})")
-    posteriors = {}
-    for tower, fit in fits.items():
-        # contiguous like a loaded one: the float32 kernels round differently for a transposed weight
-        posteriors[tower] = KronPosterior(fit.A, fit.B, fit.weight.contiguous(), fit.bias,
-                                          pseudo_count=args.pseudo_count)
-        posteriors[tower].optimize_prior_precision()
-        if save_to is not None:
-            posteriors[tower].save(os.path.join(save_to, f"posterior_{tower}"))
+    vlm = bayesvlm_ext.BayesVLM.fit(model, readable, likelihood="siglip" if siglip else "infonce",
+                                    class_batch_size=args.class_batch_size, pseudo_count=args.pseudo_count,
+                                    progress=not args.quiet)
+    print(f"fitted on {vlm.num_data} pairs from {args.fit_pairs} (skipped: {dict(dataset.skipped) or 'none'})")
     if save_to is not None:
+        vlm.save(save_to)
         print(f"wrote {save_to}/posterior_image and posterior_text (reuse them with --posterior {save_to})")
-    return posteriors
+    return vlm.posteriors
 
 
 def load_posteriors(model: nn.Module, directory: str) -> dict[str, KronPosterior]:
     """The saved posteriors; refused when their MAP layer is not this model's projection."""
-    posteriors = {}
-    for tower in TOWERS:
-        posterior = KronPosterior.load(os.path.join(directory, f"posterior_{tower}"))
-        weight, bias = find_projection(model, tower).layer()
-        same = posterior.weight.shape == weight.shape and (posterior.bias is None) == (bias is None) and bool(
-            torch.allclose(posterior.weight, weight.double().cpu(), rtol=1e-5, atol=1e-6 * float(weight.abs().max())))
-        if not same:
-            raise SystemExit(f"--posterior {directory}: the {tower} posterior was fitted for another model (its MAP "
-                             f"weight {tuple(posterior.weight.shape)} is not this model's projection "
-                             f"{tuple(weight.shape)})")
-        posteriors[tower] = posterior
-    return posteriors
+    try:
+        return bayesvlm_ext.BayesVLM.load(directory, model).posteriors
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"--posterior {directory}: {error}") from None
 
 
 # ---- evaluation ----------------------------------------------------------------------------------------
