@@ -3,7 +3,7 @@
 The mathematics is SPEC.md; the README maps each section to the names below.
 """
 
-from . import active, capture, default_model, evaluation, ops, probvlm, reference, shapes
+from . import active, capture, evaluation, ops, probvlm, reference
 from ._extension import backend, build_info, has_extension
 from .active import (Acquisition, JointSamples, Metric, Selection, acquisition_scores, label_curvature,
                      nearest_neighbours, select, update_posterior)
@@ -40,6 +40,6 @@ __all__ = [
     "acquisition_scores", "Acquisition", "JointSamples", "select", "Selection", "nearest_neighbours", "Metric",
     "update_posterior", "label_curvature",
     # modules and build
-    "active", "ops", "probvlm", "reference", "evaluation", "capture", "shapes", "default_model", "backend",
+    "active", "ops", "probvlm", "reference", "evaluation", "capture", "backend",
     "build_info", "has_extension", "__version__",
 ]

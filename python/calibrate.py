@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import bayesvlm_ext
-from bayesvlm_ext import KronPosterior, ZeroShotClassifier, evaluation, predictive, shapes
+from bayesvlm_ext import KronPosterior, ZeroShotClassifier, evaluation, predictive
+from bayesvlm_ext.demo import shapes
 from bayesvlm_ext.capture import capture, find_projection
 from bayesvlm_ext.cli import PairsDataset, _SkippingLoader
 from bayesvlm_ext.curvature import DEFAULT_CLASS_BATCH_SIZE

@@ -36,7 +36,8 @@ import torch
 from torch import Tensor
 
 import bayesvlm_ext
-from bayesvlm_ext import Acquisition, JointSamples, KronPosterior, ZeroShotClassifier, shapes
+from bayesvlm_ext import Acquisition, JointSamples, KronPosterior, ZeroShotClassifier
+from bayesvlm_ext.demo import shapes
 from bayesvlm_ext.active import SAMPLED, Metric, Selection
 
 import calibrate  # noqa: E402  (this script's folder is on sys.path when it runs as a script)

@@ -87,7 +87,7 @@ def test_reliability_bins_by_brute_force_and_ece_from_them():
 def test_retrieval_report_against_dense_rankings():
     from testing import spd
 
-    from bayesvlm_ext import KronPosterior, cosine_moments, predictive
+    from bayesvlm_ext import KronPosterior, cosine_moments
     from bayesvlm_ext.evaluation import retrieval_report
 
     g = torch.Generator().manual_seed(3)

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from bayesvlm_ext import default_model, shapes
+from bayesvlm_ext.demo import default_model, shapes
 
 
 def test_generation_is_reproducible_and_captions_name_the_attributes():

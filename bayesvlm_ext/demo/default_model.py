@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import shapes
-from ._files import replacing
+from .._files import replacing
 
 __all__ = ["ModelConfig", "TrainingConfig", "build_model", "train_default_model", "load_default_model",
            "cache_directory"]

@@ -39,8 +39,8 @@ import torch
 from torch import Tensor, nn
 
 import bayesvlm_ext
-from bayesvlm_ext import (KronPosterior, ZeroShotClassifier, cosine_moments, default_model, evaluation, predictive,
-                          reference, shapes)
+from bayesvlm_ext import KronPosterior, ZeroShotClassifier, cosine_moments, evaluation, predictive, reference
+from bayesvlm_ext.demo import default_model, shapes
 from bayesvlm_ext.capture import capture, find_projection
 from bayesvlm_ext.fit import unnormalised_encoder
 

@@ -1,0 +1,9 @@
+"""The demo and what it runs on: the package's own data and model (nothing is downloaded).
+
+- `shapes`: images of coloured shapes with captions ("a small red triangle on the left"), a shifted domain
+  and a word-level tokenizer;
+- `default_model`: a tiny open_clip CLIP trained contrastively on them (on first use, then cached);
+- `run`: `python -m bayesvlm_ext.demo` (`make demo`), BayesVLM and ProbVLM on that model.
+
+Not imported by `import bayesvlm_ext`: the library does not depend on its own demo.
+"""
