@@ -36,7 +36,7 @@ from ._validation import (accumulation_dtype, check_finite, check_positive_scala
                           check_tensor, parse_enum)
 from .curvature import Likelihood, projected_curvature
 from .distribution import CovarianceForm, EmbeddingDistribution
-from .moments import _logit_params
+from .moments import scale_and_bias
 from .posterior import KronPosterior
 from .predictive import predictive
 from .zeroshot import ZeroShotClassifier, ZeroShotLikelihood
@@ -105,7 +105,7 @@ class JointSamples:
             raise ValueError(f"argument 'dtype' must be torch.float32 or torch.float64, got {dtype}")
         self.classifier = classifier
         self.dtype = dtype
-        self.scale, self.logit_bias = _logit_params(classifier.logit_scale, classifier.logit_bias)
+        self.scale, self.logit_bias = scale_and_bias(classifier.logit_scale, classifier.logit_bias)
         self.image_weights, self.image_biases = classifier.image_posterior.sample_weights(num_samples, generator,
                                                                                          dtype)
         text_weights, text_biases = classifier.text_posterior.sample_weights(num_samples, generator, dtype)
@@ -436,7 +436,7 @@ def label_curvature(
         g = g + image_residual.to(torch.float64)
     if rows and bool((g.norm(dim=1) == 0).any()):
         raise ValueError("argument 'phi_labelled' gives a zero MAP embedding: its direction is undefined")
-    scale, logit_bias = _logit_params(classifier.logit_scale, classifier.logit_bias)
+    scale, logit_bias = scale_and_bias(classifier.logit_scale, classifier.logit_bias)
     likelihood = Likelihood.INFONCE if classifier.likelihood is ZeroShotLikelihood.SOFTMAX else Likelihood.SIGLIP
     return projected_curvature(g, classifier.classes.mean, likelihood, scale, logit_bias)
 

@@ -70,12 +70,12 @@ def cosine_moments(
     gradient is needed; the same formulas in PyTorch otherwise (differentiable).
     """
     output = parse_enum("output", output, MomentsOutput)
-    scale, bias = _logit_params(logit_scale, logit_bias)
+    scale, bias = scale_and_bias(logit_scale, logit_bias)
     inputs = pairwise_inputs(img, txt, variant)
     return ops.pairwise_moments(*inputs[:6], scale, bias, inputs.trace_cross, _OUTPUT_CODE[output])
 
 
-def _logit_params(logit_scale, logit_bias) -> tuple[float, float]:
+def scale_and_bias(logit_scale, logit_bias) -> tuple[float, float]:
     """(s, beta); ValueError for a log s beyond LOGIT_SCALE_MAX, whose s^2 would overflow the float32 variances
     (math.exp itself raises OverflowError from 710 on)."""
     return math.exp(check_logit_scale("logit_scale", logit_scale)), check_finite_scalar("logit_bias", logit_bias)

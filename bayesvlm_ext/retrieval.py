@@ -12,7 +12,7 @@ from torch import Tensor
 from . import ops, reference
 from ._validation import check_finite_scalar, parse_enum
 from .distribution import EmbeddingDistribution
-from .moments import Variant, _logit_params, pairwise_inputs
+from .moments import Variant, scale_and_bias, pairwise_inputs
 
 __all__ = ["Score", "topk", "merge_topk"]
 
@@ -57,7 +57,7 @@ def topk(
         raise ValueError(f"argument 'k' must be in [0, {len(gallery)}] (the gallery size), got {k}")
     score = parse_enum("score", score, Score)
     kappa = check_finite_scalar("kappa", kappa)
-    scale, bias = _logit_params(logit_scale, logit_bias)
+    scale, bias = scale_and_bias(logit_scale, logit_bias)
     with torch.no_grad():
         inputs = pairwise_inputs(queries, gallery, variant)
         return ops.topk_moments(*inputs[:6], scale, bias, inputs.trace_cross, k, _SCORE_CODE[score], kappa)

@@ -35,7 +35,7 @@ import bayesvlm_ext
 from bayesvlm_ext import KronPosterior, ZeroShotClassifier, evaluation, predictive
 from bayesvlm_ext.demo import shapes
 from bayesvlm_ext.capture import capture, find_projection
-from bayesvlm_ext.cli import PairsDataset, _SkippingLoader
+from bayesvlm_ext.cli.inputs import PairsDataset, SkippingLoader
 from bayesvlm_ext.curvature import DEFAULT_CLASS_BATCH_SIZE
 from bayesvlm_ext.fit import TOWERS, unnormalised_encoder
 
@@ -277,7 +277,7 @@ def fit_posteriors(model, preprocess, tokenizer, args, siglip: bool, save_to: st
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                                          collate_fn=list)
     # drops the pairs whose image (or caption) fails to load, counting and reporting them
-    readable = _SkippingLoader(loader, dataset.skipped, report)
+    readable = SkippingLoader(loader, dataset.skipped, report)
     vlm = bayesvlm_ext.BayesVLM.fit(model, readable, likelihood="siglip" if siglip else "infonce",
                                     class_batch_size=args.class_batch_size, pseudo_count=args.pseudo_count,
                                     progress=not args.quiet)

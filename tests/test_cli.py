@@ -267,7 +267,7 @@ def test_fit_resume_refuses_a_checkpoint_of_other_inputs_and_resumes_its_own(tmp
 
 
 def test_a_pair_whose_preprocessing_or_tokenising_fails_is_skipped_with_its_line_number(tmp_path):
-    from bayesvlm_ext.cli import PairsDataset, _SkippingLoader
+    from bayesvlm_ext.cli.inputs import PairsDataset, SkippingLoader
 
     pairs = write_good_pairs(str(tmp_path))
 
@@ -284,7 +284,7 @@ def test_a_pair_whose_preprocessing_or_tokenising_fails_is_skipped_with_its_line
     reports = []
     dataset = PairsDataset(pairs, preprocess, tokenizer, reports.append)
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=list)
-    batches = list(_SkippingLoader(loader, dataset.skipped, reports.append))
+    batches = list(SkippingLoader(loader, dataset.skipped, reports.append))
     assert [batch[0].shape[0] for batch in batches] == [2, 1]  # the pairs of lines 1, 2 and 5
     assert dataset.skipped == {"unreadable image": 1, "unusable caption": 1}
     assert reports == [f"line 3: image {tmp_path / '2.png'}: cannot be read (RuntimeError: cannot resize); skipped",

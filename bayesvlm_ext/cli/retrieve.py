@@ -1,0 +1,224 @@
+"""`bayesvlm-ext retrieve`: the top-k of an index for query features, streamed, as JSONL."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+from .._files import atomic_open, output_file
+from .._validation import accumulation_dtype
+from ..distribution import CovarianceForm, EmbeddingDistribution
+from ..index import RetrievalIndex, first_non_finite_row, open_index, posterior_summary, search
+from ..posterior import KronPosterior
+from ..probvlm import DEFAULT_EMBED_OPTIONS, ProbVLMAdapter
+from ..retrieval import Score, merge_topk
+from .common import OTHER_TOWER, CommandError, check_logit_scale_option, check_model_directory, load_models
+from .distributed import all_ok, block, gather_topk, rank0_name, run_distributed
+from .inputs import FeatureFile
+
+def add_parser(commands) -> argparse.ArgumentParser:
+    retrieve = commands.add_parser("retrieve", help="top-k of an index for query features, as JSONL")
+    retrieve.add_argument("--index", required=True, help="index directory written by `bayesvlm-ext index`")
+    model = retrieve.add_mutually_exclusive_group(required=True)
+    model.add_argument("--posterior", help="the `fit` output directory the index was built with")
+    model.add_argument("--adapter", help="the `probvlm-train` output directory the index was built with; the queries "
+                                         "are embedded with the index's --uncertainty, --mc-samples, --mc-seed, --mean")
+    retrieve.add_argument("--queries", required=True,
+                          help="safetensors file: features [N, Q] of the other tower (embeddings [N, D] with "
+                               "--adapter), optional ids [N] int64, residual [N, D]")
+    retrieve.add_argument("--k", type=int, default=10, help="gallery items per query")
+    retrieve.add_argument("--score", choices=[s.value for s in Score], default="mean",
+                          help="ranking: logit mean, mean -/+ kappa sd, or probit match probability")
+    retrieve.add_argument("--kappa", type=float, default=1.0, help="standard deviations for pessimistic/optimistic")
+    retrieve.add_argument("--out", required=True, help="JSONL file: one line per query")
+    retrieve.add_argument("--batch-size", type=int, default=256, help="queries per pass over the gallery")
+    retrieve.add_argument("--logit-scale", type=float, default=None, help="log s (default: the index's)")
+    retrieve.add_argument("--logit-bias", type=float, default=None, help="beta (default: the index's, else 0)")
+    retrieve.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    return retrieve
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    return retrieve_command(checked_args(args, parser))
+
+
+def checked_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The options checked before any work (parser.error: exit 2, naming the option)."""
+    for name in ("k", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("kappa", "logit_scale", "logit_bias"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    check_logit_scale_option(parser, args.logit_scale)
+    if not os.path.isdir(args.index):
+        parser.error(f"--index {args.index}: no such directory")
+    check_model_directory(parser, args)
+    if not os.path.isfile(args.queries):
+        parser.error(f"--queries {args.queries}: no such file")
+    try:  # before any work: a directory, FIFO or device at --out would otherwise fail (or be replaced) at the end
+        output_file(args.out, "--out", create=False)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def retrieve_command(args: argparse.Namespace) -> int:
+    return run_distributed(_retrieve, args, torch.device("cpu"))
+
+
+def _retrieve(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> int:
+    from tqdm.auto import tqdm
+
+    say = print if rank == 0 else (lambda *a, **k: None)
+    start_time = time.perf_counter()
+    try:  # every rank reads the same inputs, so every rank fails here alike
+        index = _open_one_generation(args.index, world)  # a snapshot: later rewrites do not change it
+        if index.tower is None:
+            raise CommandError(f"--index {args.index} names no tower (built in Python without tower=); rebuild it "
+                               "with `bayesvlm-ext index` or build_index(..., tower=)")
+        built_by_adapter = index.posteriors.get("gallery", {}).get("method") == "probvlm"
+        if built_by_adapter != (args.adapter is not None):
+            raise CommandError(f"--index {args.index} was {'' if built_by_adapter else 'not '}built with a ProbVLM "
+                               f"adapter; give it with {'--adapter' if built_by_adapter else '--posterior'}")
+        gallery_posterior, query_posterior, where = load_models(args, index.tower)
+        embed_options = None
+        if args.adapter is not None:  # the queries are embedded as the index's gallery was
+            stored = index.posteriors.get("query") or index.posteriors.get("gallery") or {}
+            embed_options = {key: stored[key] for key in DEFAULT_EMBED_OPTIONS if key in stored}
+        _check_index_matches(index, gallery_posterior, query_posterior, where, embed_options)
+        queries = FeatureFile(args.queries, "--queries")
+        if queries.width != query_posterior.in_features:
+            raise CommandError(f"--queries: the features are [N, {queries.width}] but the "
+                               f"{OTHER_TOWER[index.tower]} {'adapter' if args.adapter else 'posterior'} in {where} "
+                               f"needs {'D' if args.adapter else 'P'} = {query_posterior.in_features}")
+        if args.adapter is not None and queries.residual is not None:
+            raise CommandError(f"--queries {args.queries}: holds a 'residual', which a ProbVLM adapter does not use")
+        if args.k > len(index):
+            raise CommandError(f"--k {args.k} is larger than the gallery ({len(index)} items in {args.index})")
+        logit_scale = index.logit_scale if args.logit_scale is None else args.logit_scale
+        if logit_scale is None:
+            raise CommandError(f"--logit-scale is needed: the index {args.index} stores none")
+        logit_bias = args.logit_bias if args.logit_bias is not None else (index.logit_bias or 0.0)
+    except (CommandError, ValueError, OSError) as error:
+        say(f"error: {error}", file=sys.stderr)
+        return 1
+
+    k, cross_shared = args.k, index.shared.get("cross_shared")
+    blocks = [block(len(index.shards), r, world) for r in range(world)]
+    counts = [min(k, sum(len(index.shards[n]) for n in block)) for block in blocks]  # columns each rank returns
+    try:  # rank 0 writes beside --out and renames at the end: a failure leaves the old --out and no temporary file
+        with contextlib.ExitStack() as stack:
+            out = stack.enter_context(atomic_open(args.out, "w", "--out")) if rank == 0 else None
+            bar = stack.enter_context(tqdm(total=len(queries), unit="query", disable=args.quiet or rank != 0,
+                                           desc="retrieving"))
+            for b0 in range(0, len(queries), args.batch_size):
+                b1 = min(b0 + args.batch_size, len(queries))
+                phi, residual = queries.read(b0, b1)
+                for name, values in (("feature", phi), ("residual", residual)):
+                    row = first_non_finite_row(values)  # every rank reads the same queries: all stop here alike
+                    if row is not None:
+                        raise CommandError(f"--queries {args.queries}: the {name} row of query {b0 + row} holds Inf "
+                                           "or NaN; every query needs finite features")
+                if accumulation_dtype(phi.dtype) != index.dtype:
+                    phi = phi.to(index.dtype)  # queries are embedded in the index's dtype, like its cached statistics
+                with torch.no_grad():
+                    if embed_options is not None:
+                        embedded = query_posterior.embed(phi, **embed_options)
+                    else:
+                        embedded = query_posterior.embed(phi, None if residual is None else residual.to(phi.dtype))
+                if cross_shared is not None and embedded.form is CovarianceForm.KRON:
+                    # The index's copy of this tower's B^-1 (checked to match): its cached cross_quad then applies.
+                    embedded = EmbeddingDistribution(embedded.mean, embedded.form, alpha=embedded.alpha,
+                                                     shared=cross_shared, shared_eigvals=embedded.shared_eigvals,
+                                                     basis=embedded.basis)
+                result = search(index, embedded, k, args.score, args.kappa, logit_scale=logit_scale,
+                                logit_bias=logit_bias, shards=blocks[rank])
+                if world > 1:
+                    parts = gather_topk(result, counts, k, rank, world)
+                    result = merge_topk(parts, k, args.score, args.kappa) if rank == 0 else None
+                if rank == 0:
+                    values, rows, mean, var = result
+                    query_ids = list(range(b0, b1)) if queries.ids is None else queries.ids[b0:b1].tolist()
+                    item_ids = index.ids_of(rows)
+                    for i, query_id in enumerate(query_ids):
+                        out.write(json.dumps({"query": query_id, "ids": item_ids[i], "scores": values[i].tolist(),
+                                              "mean": mean[i].tolist(), "variance": var[i].tolist()}) + "\n")
+                bar.update(b1 - b0)
+    except (CommandError, ValueError, OSError) as error:
+        say(f"error: {error}", file=sys.stderr)
+        return 1
+    if rank != 0:
+        return 0
+    elapsed = time.perf_counter() - start_time
+    print(f"retrieved the top {k} of {len(index)} {index.tower} items by '{args.score}' for {len(queries)} queries in "
+          f"{elapsed:.1f} s ({world} process{'es' if world > 1 else ''}); wrote {args.out}")
+    return 0
+
+
+def _open_one_generation(directory: str, world: int) -> RetrievalIndex:
+    """open_index on every rank, all of the same generation: a rewrite that switches index.json between the
+    ranks' opens would otherwise have them search (and merge) two different galleries."""
+    for _ in range(3):
+        index = open_index(directory)
+        mine = index.generation or ""  # "" for a version 1 index
+        if all_ok(rank0_name(mine, world) == mine, world):
+            return index
+    raise CommandError(f"--index {directory} was rewritten while the ranks opened it, three times; run again")
+
+
+def _matches(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same matrix up to the last bits (another machine's eigendecomposition), not merely a similar one."""
+    rtol = 1e-10 if a.dtype == torch.float64 else 1e-5
+    return a.shape == b.shape and float((a - b.to(a.dtype)).abs().max()) <= rtol * float(a.abs().max())
+
+
+def _check_index_matches(index: RetrievalIndex, gallery: KronPosterior | ProbVLMAdapter,
+                         query: KronPosterior | ProbVLMAdapter, where: str, embed_options: dict | None = None) -> None:
+    """Raises CommandError unless `index` was built from these posteriors (sizes, hyper-parameters, matrices)
+    or these ProbVLM adapters (configuration, fingerprint of the parameters, embed options)."""
+    adapter = isinstance(gallery, ProbVLMAdapter)
+    if index.dim != gallery.out_features:
+        raise CommandError(f"--index {index.directory} has D = {index.dim}; the "
+                           f"{'adapters' if adapter else 'posteriors'} in {where} have D = {gallery.out_features}")
+    for side, posterior in (("gallery", gallery), ("query", query)):
+        stored, given = index.posteriors.get(side), posterior_summary(posterior, embed_options)
+        if stored is not None and stored != given:
+            differing = sorted(key for key in given if stored.get(key) != given[key])
+            raise CommandError(f"--index {index.directory} was built with another {side} "
+                               f"{'adapter' if adapter else 'posterior'} than the one in "
+                               f"{where} (differs in {', '.join(differing)})")
+    if adapter:  # no shared matrices: the fingerprints above identify the adapters
+        if index.form is not CovarianceForm.DIAG:
+            raise CommandError(f"--index {index.directory} holds '{index.form.value}'-form items; a ProbVLM adapter "
+                               "gives 'diag'")
+        return
+    template = gallery.embed(torch.zeros(0, gallery.in_features, dtype=index.dtype), against=query)
+    if template.form is not index.form:
+        raise CommandError(f"--index {index.directory} holds '{index.form.value}'-form items; the {index.tower} "
+                           f"posterior in {where} gives '{template.form.value}'")
+    # The kron form's eigenbasis is derived from "shared"; an eigen-form basis is compared up to column signs,
+    # which another machine's eigendecomposition may flip.
+    compared = {"shared": (template.shared, False), "cross_shared": (template.cross_shared, False)}
+    if index.form is CovarianceForm.EIGEN:
+        compared["basis"] = (template.basis, True)
+    for name, stored in index.shared.items():
+        given, up_to_sign = compared.get(name, (None, False))
+        if up_to_sign and given is not None:
+            stored, given = stored.abs(), given.abs()
+        if name in compared and (given is None or not _matches(stored, given)):
+            side = f"query ({OTHER_TOWER[index.tower]})" if name == "cross_shared" else f"gallery ({index.tower})"
+            raise CommandError(f"--index {index.directory}: its {side} covariance matrix '{name}' does not match the "
+                               f"posterior in {where}; rebuild the index with this posterior")
+    if "cross_shared" not in index.shared and template.cross_shared is not None:
+        raise CommandError(f"--index {index.directory} was built without the query side's matrix; rebuild it with "
+                           f"the posterior in {where}")
