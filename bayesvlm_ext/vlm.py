@@ -14,9 +14,10 @@ It holds the two `KronPosterior`s, the logit scale and bias, the likelihood, the
 factors were fitted on (which the online update needs) and, optionally, the model itself: with the model,
 `encode_image` / `encode_text` run the model's own forward once, capture the features entering each
 projection (`capture`) and return the embedding's Gaussian, whose mean is the model's own unnormalised
-embedding, bit for bit (its inference forward, under torch.no_grad); without it, `encode_*_features` take captured features. Every method is a thin
-composition of the package's functions (`fit_factors`, `KronPosterior`, `cosine_moments`, `topk`,
-`ZeroShotClassifier`, `update_posterior`), which stay available for finer control.
+embedding, bit for bit (its inference forward, under torch.no_grad); without it, `encode_*_features` take
+captured features. Every method is a thin composition of the package's functions (`fit_factors`,
+`KronPosterior`, `cosine_moments`, `topk`, `ZeroShotClassifier`, `update_posterior`), which stay available
+for finer control.
 
 A saved BayesVLM is the directory `bayesvlm-ext fit` writes: `posterior_image/`, `posterior_text/`
 (`KronPosterior.save`), `bayesvlm/` (the published factor format of SPEC 10, readable by the reference
@@ -164,7 +165,8 @@ class BayesVLM:
 
         files = [CONFIG_FILE, f"{PUBLISHED_FOLDER}/prior_precision_analytic.json"]
         files += [f"{PUBLISHED_FOLDER}/{name}_{short}_analytic.pt" for name in "AB" for short in _SHORT.values()]
-        return files + [f"posterior_{tower}/{name}" for tower in TOWERS for name in (POSTERIOR_TENSORS, POSTERIOR_CONFIG)]
+        return files + [f"posterior_{tower}/{name}" for tower in TOWERS
+                        for name in (POSTERIOR_TENSORS, POSTERIOR_CONFIG)]
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the directory `bayesvlm-ext fit` writes (module docstring); every file written aside and renamed."""
@@ -279,6 +281,8 @@ class BayesVLM:
         if tower not in TOWERS:
             raise ValueError(f"argument 'tower' must be 'image' or 'text', got {tower!r}")
         check_tensor("inputs", inputs, floating=tower == "image")
+        parameter = next(self.model.parameters())  # inputs go where the model is; pixels in its precision
+        inputs = inputs.to(parameter.device, parameter.dtype) if tower == "image" else inputs.to(parameter.device)
         return capture(unnormalised_encoder(self.model, tower), inputs, self.sites[tower])
 
     def _encode(self, tower: str, inputs: Tensor) -> EmbeddingDistribution:

@@ -58,10 +58,6 @@ def test_demo_prints_and_writes_its_results(tmp_path):
             "total"} <= set(results["timings"])
 
 
-def test_open_clip_example_self_test():
-    run(os.path.join("python", "score_open_clip.py"), "--self-test")
-
-
 CALIBRATE = os.path.join("python", "calibrate.py")
 
 

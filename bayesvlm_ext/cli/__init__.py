@@ -1,9 +1,11 @@
-"""Command line: `bayesvlm-ext fit`, `index`, `retrieve` and `probvlm-train` (also `python -m bayesvlm_ext ...`).
+"""Command line: `bayesvlm-ext fit`, `classify`, `index`, `retrieve`, `probvlm-train` (or `python -m bayesvlm_ext`).
 
-One module per command (fit, index, retrieve, probvlm_train: each `add_parser` and `run`), the input readers
+One module per command (fit, classify, index, retrieve, probvlm_train: each `add_parser` and `run`), the input readers
 they share (inputs), the torchrun helpers (distributed) and the common checks (common).
 
     bayesvlm-ext fit --model ViT-B-32 --pretrained CHECKPOINT.pt --pairs PAIRS.jsonl --out DIR
+    bayesvlm-ext classify --model ViT-B-32 --pretrained CHECKPOINT.pt --posterior DIR --images FOLDER \
+        --classes cat,dog --out PREDICTIONS.jsonl
     bayesvlm-ext index --posterior DIR --tower image --features GALLERY.safetensors --out INDEX
     bayesvlm-ext retrieve --index INDEX --posterior DIR --queries QUERIES.safetensors --k 10 --out RESULTS.jsonl
     bayesvlm-ext probvlm-train --embeddings PAIRS.safetensors --out ADAPTER
@@ -52,9 +54,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import fit, index, probvlm_train, retrieve
+from . import classify, fit, index, probvlm_train, retrieve
 
-COMMANDS = {"fit": fit, "index": index, "retrieve": retrieve, "probvlm-train": probvlm_train}
+COMMANDS = {"fit": fit, "classify": classify, "index": index, "retrieve": retrieve, "probvlm-train": probvlm_train}
 
 
 def build_parser() -> argparse.ArgumentParser:

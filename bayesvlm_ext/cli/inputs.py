@@ -95,7 +95,7 @@ def decoded_rgb(path: str):
             return img.convert("RGB")
 
 
-def _failure(error: BaseException) -> str:
+def failure(error: BaseException) -> str:
     text = f"{type(error).__name__}: {error}"
     return text if len(text) <= 200 else text[:197] + "..."
 
@@ -148,12 +148,12 @@ class PairsDataset(torch.utils.data.Dataset):
             pixels = self.preprocess(decoded_rgb(image))
         except Exception as error:  # whatever one image does (bomb, truncation, preprocess), it costs only its pair
             return SkippedItem(self.lines[index], "unreadable image", f"image {image}: cannot be read "
-                                                                       f"({_failure(error)})")
+                                                                       f"({failure(error)})")
         try:
             tokens = self.tokenizer([caption])[0]
         except Exception as error:
             return SkippedItem(self.lines[index], "unusable caption", f"caption cannot be tokenised "
-                                                                       f"({_failure(error)})")
+                                                                       f"({failure(error)})")
         return pixels, tokens
 
 
@@ -285,7 +285,7 @@ class ImageFeatures:
                     pixels.append(self.preprocess(decoded_rgb(self.paths[row])))
                 except Exception as error:  # the rows are laid out: skipping one now would shift every later id
                     raise CommandError(f"--images {self.source}: {self.places[row]}: cannot be read or preprocessed "
-                                       f"although the first pass decoded it ({_failure(error)})") from None
+                                       f"although the first pass decoded it ({failure(error)})") from None
             with torch.no_grad():
                 captured = capture(self.encode, torch.stack(pixels).to(self.device), self.site)
             features.append(captured.features.float().cpu())
@@ -341,7 +341,7 @@ def unusable_images(paths: list[str]) -> dict[int, tuple[str, str]]:
         try:
             decoded_rgb(paths[i])
         except Exception as error:  # whatever one image does, it costs only its row
-            problems[i] = ("unreadable image", f"cannot be read ({_failure(error)})")
+            problems[i] = ("unreadable image", f"cannot be read ({failure(error)})")
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, problems)
