@@ -56,10 +56,10 @@ import torch
 from torch import Tensor
 
 from ._files import output_directory, replacing, sync_folder, write_json
-from ._validation import accumulation_dtype, check_tensor, parse_enum
+from ._validation import accumulation_dtype, check_tensor
 from .distribution import CovarianceForm, EmbeddingDistribution
 from .posterior import KronPosterior
-from .probvlm import DEFAULT_EMBED_OPTIONS, MeanSource, ProbVLMAdapter, Uncertainty
+from .probvlm import ProbVLMAdapter
 from .retrieval import Score, merge_topk, topk
 
 __all__ = ["IndexWriter", "RetrievalIndex", "ShardInfo", "build_index", "save_index", "open_index", "search",
@@ -301,56 +301,24 @@ class IndexWriter:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def posterior_summary(posterior: KronPosterior | ProbVLMAdapter, embed_options: dict | None = None) -> dict:
-    """What identifies a posterior cheaply: its sizes and hyper-parameters (stored in index.json, checked on use).
-    For a ProbVLM adapter: its configuration, the fingerprint of its parameters and the embed options."""
-    if isinstance(posterior, ProbVLMAdapter):
-        return {"method": "probvlm", **posterior.config, "fingerprint": posterior.fingerprint(),
-                **_adapter_options(embed_options)}
-    return {"damping": posterior.damping.value, "in_features": posterior.in_features,
-            "out_features": posterior.out_features, "bias": posterior.bias is not None,
-            "prior_precision": posterior.prior_precision, "pseudo_count": posterior.pseudo_count}
-
-
-def _adapter_options(embed_options: dict | None) -> dict:
-    """ProbVLMAdapter.embed's options, completed with its defaults and checked, as stored in index.json."""
-    options = {**DEFAULT_EMBED_OPTIONS, **(embed_options or {})}
-    unknown = sorted(set(options) - set(DEFAULT_EMBED_OPTIONS))
-    if unknown:
-        raise ValueError(f"argument 'embed_options' takes uncertainty, num_samples, seed and mean, got {unknown}")
-    options["uncertainty"] = parse_enum("embed_options['uncertainty']", options["uncertainty"], Uncertainty).value
-    options["mean"] = parse_enum("embed_options['mean']", options["mean"], MeanSource).value
-    return options
-
-
 def _embedder(gallery, query, embed_options):
-    """(embed(phi, residual) -> EmbeddingDistribution, {"gallery": summary, "query": summary}) for a KronPosterior
-    gallery (with its query-side posterior) or a ProbVLMAdapter gallery (with the query side's adapter)."""
-    if isinstance(gallery, ProbVLMAdapter):
-        if query is not None and not isinstance(query, ProbVLMAdapter):
-            raise ValueError(f"argument 'query_posterior' must be a ProbVLMAdapter (the other modality's) with a "
-                             f"ProbVLMAdapter gallery, got {type(query).__name__}")
-        options = _adapter_options(embed_options)
-
-        def embed(phi: Tensor, residual: Tensor | None) -> EmbeddingDistribution:
-            if residual is not None:
-                raise ValueError("argument 'residual' has no meaning for a ProbVLM adapter (it reads embeddings)")
-            return gallery.embed(phi, **options)
-    elif isinstance(gallery, KronPosterior):
-        if query is not None and not isinstance(query, KronPosterior):
-            raise ValueError(f"argument 'query_posterior' must be a KronPosterior with a KronPosterior gallery, got "
-                             f"{type(query).__name__}")
-        if embed_options:
-            raise ValueError("argument 'embed_options' is for ProbVLM adapters; a KronPosterior takes none")
-
-        def embed(phi: Tensor, residual: Tensor | None) -> EmbeddingDistribution:
-            return gallery.embed(phi, residual, against=query)
-    else:
+    """(embed(phi, residual) -> EmbeddingDistribution, {"gallery": summary, "query": summary}) for a gallery model
+    (a KronPosterior, or a ProbVLMAdapter with its embed options) and the query side's model of the same kind.
+    Both kinds share the protocol embed(phi, residual=, against=, **options), summary(options), embed_options."""
+    if not isinstance(gallery, (KronPosterior, ProbVLMAdapter)):
         raise ValueError(f"argument 'gallery_posterior' must be a KronPosterior or a ProbVLMAdapter, got "
                          f"{type(gallery).__name__}")
-    posteriors = {"gallery": posterior_summary(gallery, embed_options)}
+    if query is not None and type(query) is not type(gallery):
+        raise ValueError(f"argument 'query_posterior' must be a {type(gallery).__name__} like the gallery's (the other "
+                         f"modality's), got {type(query).__name__}")
+    options = gallery.embed_options(embed_options)
+
+    def embed(phi: Tensor, residual: Tensor | None) -> EmbeddingDistribution:
+        return gallery.embed(phi, residual=residual, against=query, **options)
+
+    posteriors = {"gallery": gallery.summary(embed_options)}
     if query is not None:
-        posteriors["query"] = posterior_summary(query, embed_options)
+        posteriors["query"] = query.summary(embed_options)
     return embed, posteriors
 
 

@@ -400,6 +400,22 @@ class KronPosterior:
                   "factor_report": {n: asdict(r) for n, (_, _, r) in self._eig.items()}}
         write_saved(path, TENSORS_FILE, tensors, CONFIG_FILE, config)
 
+    KIND = "posterior"  # what messages call it
+
+    def embed_options(self, options: dict | None = None) -> dict:
+        """`embed` takes no options beyond residual and against (the protocol ProbVLMAdapter shares): {}."""
+        if options:
+            raise ValueError(f"argument 'embed_options' is for ProbVLM adapters; a KronPosterior takes none, got "
+                             f"{sorted(options)}")
+        return {}
+
+    def summary(self, embed_options: dict | None = None) -> dict:
+        """What identifies the posterior cheaply (stored in an index, checked on use): sizes and hyper-parameters."""
+        self.embed_options(embed_options)
+        return {"damping": self.damping.value, "in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, "prior_precision": self.prior_precision,
+                "pseudo_count": self.pseudo_count}
+
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: torch.device | str = "cpu") -> "KronPosterior":
         """Read a posterior written by `save`; the result equals the saved one exactly.

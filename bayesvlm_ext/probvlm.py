@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 
 from ._files import replacing
 from ._savedir import read_config, read_header, read_tensors, saved_files, write_saved
-from ._validation import accumulation_dtype, check_finite_rows, check_tensor, parse_enum
+from ._validation import (accumulation_dtype, check_finite_rows, check_finite_scalar, check_logit_scale, check_tensor,
+                          parse_enum)
 from .distribution import EmbeddingDistribution
 
 __all__ = ["ProbVLM", "ProbVLMAdapter", "GGDParams", "LossWeights", "TrainingHistory", "Uncertainty", "MeanSource",
@@ -207,6 +208,24 @@ class ProbVLMAdapter(nn.Module):
         beta = (self.beta_head(z) + self.beta_range[0]).clamp(max=self.beta_range[1])
         return GGDParams(self.mu_head(z), 1 / inv_alpha, beta)
 
+    KIND = "adapter"  # what messages call it
+
+    def embed_options(self, options: dict | None = None) -> dict:
+        """`embed`'s keyword options completed with their defaults and checked: what an index records."""
+        options = {**DEFAULT_EMBED_OPTIONS, **(options or {})}
+        unknown = sorted(set(options) - set(DEFAULT_EMBED_OPTIONS))
+        if unknown:
+            raise ValueError(f"argument 'embed_options' takes uncertainty, num_samples, seed and mean, got {unknown}")
+        options["uncertainty"] = parse_enum("embed_options['uncertainty']", options["uncertainty"], Uncertainty).value
+        options["mean"] = parse_enum("embed_options['mean']", options["mean"], MeanSource).value
+        return options
+
+    def summary(self, embed_options: dict | None = None) -> dict:
+        """What identifies the adapter cheaply (stored in an index, checked on use): configuration, parameter
+        fingerprint and the embed options."""
+        return {"method": "probvlm", **self.config, "fingerprint": self.fingerprint(),
+                **self.embed_options(embed_options)}
+
     def fingerprint(self) -> str:
         """SHA-256 of the configuration and every parameter's bytes: identifies a trained adapter cheaply."""
         digest = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
@@ -228,13 +247,20 @@ class ProbVLMAdapter(nn.Module):
         num_samples: int = DEFAULT_EMBED_OPTIONS["num_samples"],  # Monte Carlo dropout passes (epistemic, total)
         seed: int = DEFAULT_EMBED_OPTIONS["seed"],  # of the dropout masks
         mean: str | MeanSource = DEFAULT_EMBED_OPTIONS["mean"],
+        *,
+        residual: Tensor | None = None,  # must be None: an adapter reads embeddings (the embedding protocol)
+        against=None,  # the other side, ignored: a diagonal form caches nothing against it
     ) -> EmbeddingDistribution:  # diag form: mean [N, D], variances [N, D]
         """The embeddings as Gaussians with per-dimension variances (see the module docstring).
 
         The network runs in its parameters' dtype without gradients; the variances are returned in
         the accumulation dtype of `x` (float64 for float64, else float32), the mean in x's dtype for
-        mean="input", else in that accumulation dtype.
+        mean="input", else in that accumulation dtype. `residual` and `against` make the call the one a
+        KronPosterior takes (`embed(phi, residual=..., against=..., **embed_options)`), so the index and the
+        commands embed either without asking which it is.
         """
+        if residual is not None:
+            raise ValueError("argument 'residual' has no meaning for a ProbVLM adapter (it reads embeddings)")
         check_tensor("x", x, dim=2)
         if x.shape[1] != self.dim:
             raise ValueError(f"argument 'x' must be [N, {self.dim}] (the adapter's D), got {tuple(x.shape)}")
@@ -276,12 +302,21 @@ class ProbVLMAdapter(nn.Module):
 
 
 class ProbVLM(nn.Module):
-    """Both modalities' adapters, `image` and `text` (ProbVLMAdapter with one configuration)."""
+    """Both modalities' adapters, `image` and `text` (ProbVLMAdapter with one configuration).
+
+    It speaks BayesVLM's protocol where that makes sense: `encode_image_features` / `encode_text_features`
+    (here the features are the frozen embeddings), `logits`, `topk`, `save` / `load`, so that scoring,
+    retrieval, the index and the evaluation take either method. `logits` and `topk` need the logit scale
+    (and bias) of the model whose embeddings the adapters read: `logit_scale` / `logit_bias`, saved with
+    the adapters (None until set: an adapter does not know its model's temperature).
+    """
 
     def __init__(self, dim: int, **adapter_config):
         super().__init__()
         self.image = ProbVLMAdapter(dim, **adapter_config)
         self.text = ProbVLMAdapter(dim, **adapter_config)
+        self.logit_scale: float | None = None  # log s of the model the embeddings come from
+        self.logit_bias: float = 0.0
 
     @property
     def config(self) -> dict:
@@ -301,10 +336,57 @@ class ProbVLM(nn.Module):
         """`self.adapter(tower).embed(x, **kwargs)`."""
         return self.adapter(tower).embed(x, **kwargs)
 
+    def encode_image_features(
+        self,
+        embeddings: Tensor,  # [N, D] the frozen image embeddings the adapters were trained on
+        **options,  # ProbVLMAdapter.embed's uncertainty, num_samples, seed, mean
+    ) -> EmbeddingDistribution:  # diag form, N items
+        """The image embeddings as Gaussians with per-dimension variances (SPEC.md section 9)."""
+        return self.image.embed(embeddings, **options)
+
+    def encode_text_features(
+        self,
+        embeddings: Tensor,  # [M, D] frozen text embeddings
+        **options,
+    ) -> EmbeddingDistribution:  # diag form, M items
+        """The text embeddings as Gaussians with per-dimension variances."""
+        return self.text.embed(embeddings, **options)
+
+    def logits(
+        self,
+        images: EmbeddingDistribution,  # N items
+        texts: EmbeddingDistribution,  # M items
+        output: str = "mean",  # or "probit", "sigmoid_probit" (cosine_moments)
+    ) -> tuple[Tensor, Tensor]:  # first [N, M], var [N, M]
+        """Logit mean and variance of every pair (SPEC.md section 4, the diagonal path), with `logit_scale`."""
+        from .moments import cosine_moments  # moments imports nothing of ProbVLM; local keeps the module light
+
+        return cosine_moments(images, texts, self._scale(), self.logit_bias, output=output)
+
+    def topk(
+        self,
+        queries: EmbeddingDistribution,  # N items of one modality
+        gallery: EmbeddingDistribution,  # M items of the other
+        k: int,
+        score: str = "mean",  # "mean", "pessimistic", "optimistic" or "probit"
+        kappa: float = 1.0,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # values, indices (int64), mean, var: [N, k] each
+        """The k best gallery items per query (SPEC.md section 7), streamed: see `bayesvlm_ext.topk`."""
+        from .retrieval import topk
+
+        return topk(queries, gallery, k, score, kappa, logit_scale=self._scale(), logit_bias=self.logit_bias)
+
+    def _scale(self) -> float:
+        if self.logit_scale is None:
+            raise ValueError("ProbVLM.logit_scale is not set: set it to the log s of the model whose embeddings the "
+                             "adapters read (e.g. model.logit_scale.item()), and logit_bias for SigLIP")
+        return self.logit_scale
+
     def save(self, path: str | os.PathLike) -> None:
         """Write `path/probvlm.safetensors` (the parameters) and `path/probvlm.json` (the configuration)."""
         config = {"format": SAVE_FORMAT, "version": SAVE_VERSION, "config": self.config,
-                  "fingerprint": {tower: self.adapter(tower).fingerprint() for tower in TOWERS}}
+                  "fingerprint": {tower: self.adapter(tower).fingerprint() for tower in TOWERS},
+                  "logit_scale": self.logit_scale, "logit_bias": self.logit_bias}
         write_saved(path, TENSORS_FILE, self.state_dict(), CONFIG_FILE, config)
 
     @classmethod
@@ -349,6 +431,12 @@ class ProbVLM(nn.Module):
                 raise ValueError(f"{owner}: {tensors_file} holds NaN or Inf in '{name}'")
         model = cls(dim, **config).to(device=map_location, dtype=next(iter(tensors.values())).dtype)
         model.load_state_dict(tensors)
+        try:  # absent in adapters saved before they carried them: None and 0
+            scale, bias = saved.get("logit_scale"), saved.get("logit_bias", 0.0)
+            model.logit_scale = None if scale is None else check_logit_scale("logit_scale", scale)
+            model.logit_bias = check_finite_scalar("logit_bias", bias)
+        except ValueError as error:
+            raise ValueError(f"{owner}: {config_file}: {error}") from None
         return model.eval()
 
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from bayesvlm_ext import cosine_moments, reference, topk
+from bayesvlm_ext import KronPosterior, cosine_moments, reference, topk
 from bayesvlm_ext.probvlm import (LossWeights, ProbVLM, ProbVLMAdapter, adapter_loss, ggd_nll, ggd_variance,
                                   probvlm_loss, train_probvlm)
 from testing import devices
@@ -333,6 +333,42 @@ def test_save_and_load_round_trip_exactly(trained, tmp_path):
         ProbVLM.load(tmp_path / "adapter")
     with pytest.raises(FileNotFoundError, match="missing file"):
         ProbVLM.load(tmp_path / "absent")
+
+
+def test_probvlm_speaks_the_bayesvlm_protocol(trained, tmp_path):
+    # encode_*_features, logits, topk and save / load as BayesVLM has them, so that the index, the commands and
+    # the evaluation take either method; the logit scale is the embedding model's, saved with the adapters.
+    model, image, text = copy.deepcopy(trained[0]), trained[1], trained[2]
+    options = dict(uncertainty="total", num_samples=8, seed=3)
+    images, texts = model.encode_image_features(image, **options), model.encode_text_features(text, **options)
+    assert torch.equal(images.variances, model.image.embed(image, **options).variances)
+    assert torch.equal(texts.variances, model.text.embed(text, **options).variances)
+    with pytest.raises(ValueError, match="logit_scale is not set"):
+        model.logits(images, texts)
+    model.logit_scale, model.logit_bias = math.log(20.0), -1.0
+    for output in ("mean", "probit"):
+        got = model.logits(images, texts, output=output)
+        expected = cosine_moments(images, texts, math.log(20.0), -1.0, output=output)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    got = model.topk(images, texts, 4, score="probit")
+    expected = topk(images, texts, 4, "probit", logit_scale=math.log(20.0), logit_bias=-1.0)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    model.save(tmp_path / "adapter")
+    loaded = ProbVLM.load(tmp_path / "adapter")
+    assert (loaded.logit_scale, loaded.logit_bias) == (math.log(20.0), -1.0)
+    # The embedding protocol shared with KronPosterior: residual refused, against ignored, options completed.
+    with pytest.raises(ValueError, match="'residual' has no meaning"):
+        model.image.embed(image, residual=image)
+    assert torch.equal(model.image.embed(image, against=model.text).variances, model.image.embed(image).variances)
+    assert model.image.embed_options({"uncertainty": "aleatoric"})["num_samples"] == 32
+    with pytest.raises(ValueError, match="takes uncertainty, num_samples, seed and mean"):
+        model.image.embed_options({"temperature": 2})
+    assert model.image.summary()["method"] == "probvlm" and model.image.KIND == "adapter"
+    posterior = KronPosterior(torch.eye(3, dtype=torch.float64), torch.eye(12, dtype=torch.float64),
+                              torch.ones(12, 3, dtype=torch.float64))
+    assert posterior.embed_options(None) == {} and posterior.summary()["damping"] == "kron"
+    with pytest.raises(ValueError, match="a KronPosterior takes none"):
+        posterior.embed_options({"uncertainty": "total"})
 
 
 # ---- finite or fail, damaged files (issue 15) ---------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 from .._files import atomic_open, output_file
 from .._validation import accumulation_dtype
 from ..distribution import CovarianceForm, EmbeddingDistribution
-from ..index import RetrievalIndex, first_non_finite_row, open_index, posterior_summary, search
+from ..index import RetrievalIndex, first_non_finite_row, open_index, search
 from ..posterior import KronPosterior
 from ..probvlm import DEFAULT_EMBED_OPTIONS, ProbVLMAdapter
 from ..retrieval import Score, merge_topk
@@ -91,10 +91,10 @@ def _retrieve(args: argparse.Namespace, rank: int, world: int, device: torch.dev
             raise CommandError(f"--index {args.index} was {'' if built_by_adapter else 'not '}built with a ProbVLM "
                                f"adapter; give it with {'--adapter' if built_by_adapter else '--posterior'}")
         gallery_posterior, query_posterior, where = load_models(args, index.tower)
-        embed_options = None
-        if args.adapter is not None:  # the queries are embedded as the index's gallery was
-            stored = index.posteriors.get("query") or index.posteriors.get("gallery") or {}
-            embed_options = {key: stored[key] for key in DEFAULT_EMBED_OPTIONS if key in stored}
+        # The queries are embedded with the options the index recorded for its gallery (none for a posterior).
+        stored = index.posteriors.get("query") or index.posteriors.get("gallery") or {}
+        embed_options = query_posterior.embed_options(
+            {key: stored[key] for key in DEFAULT_EMBED_OPTIONS if key in stored} if args.adapter else None)
         _check_index_matches(index, gallery_posterior, query_posterior, where, embed_options)
         queries = FeatureFile(args.queries, "--queries")
         if queries.width != query_posterior.in_features:
@@ -132,10 +132,8 @@ def _retrieve(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                 if accumulation_dtype(phi.dtype) != index.dtype:
                     phi = phi.to(index.dtype)  # queries are embedded in the index's dtype, like its cached statistics
                 with torch.no_grad():
-                    if embed_options is not None:
-                        embedded = query_posterior.embed(phi, **embed_options)
-                    else:
-                        embedded = query_posterior.embed(phi, None if residual is None else residual.to(phi.dtype))
+                    embedded = query_posterior.embed(phi, residual=None if residual is None else residual.to(phi.dtype),
+                                                     **embed_options)
                 if cross_shared is not None and embedded.form is CovarianceForm.KRON:
                     # The index's copy of this tower's B^-1 (checked to match): its cached cross_quad then applies.
                     embedded = EmbeddingDistribution(embedded.mean, embedded.form, alpha=embedded.alpha,
@@ -185,27 +183,22 @@ def _matches(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _check_index_matches(index: RetrievalIndex, gallery: KronPosterior | ProbVLMAdapter,
                          query: KronPosterior | ProbVLMAdapter, where: str, embed_options: dict | None = None) -> None:
     """Raises CommandError unless `index` was built from these posteriors (sizes, hyper-parameters, matrices)
-    or these ProbVLM adapters (configuration, fingerprint of the parameters, embed options)."""
-    adapter = isinstance(gallery, ProbVLMAdapter)
+    or these ProbVLM adapters (configuration, fingerprint of the parameters, embed options): summaries first,
+    then the covariance form and shared matrices an empty embedding of the gallery model gives."""
+    kind = gallery.KIND
     if index.dim != gallery.out_features:
-        raise CommandError(f"--index {index.directory} has D = {index.dim}; the "
-                           f"{'adapters' if adapter else 'posteriors'} in {where} have D = {gallery.out_features}")
+        raise CommandError(f"--index {index.directory} has D = {index.dim}; the {kind}s in {where} have D = "
+                           f"{gallery.out_features}")
     for side, posterior in (("gallery", gallery), ("query", query)):
-        stored, given = index.posteriors.get(side), posterior_summary(posterior, embed_options)
+        stored, given = index.posteriors.get(side), posterior.summary(embed_options)
         if stored is not None and stored != given:
             differing = sorted(key for key in given if stored.get(key) != given[key])
-            raise CommandError(f"--index {index.directory} was built with another {side} "
-                               f"{'adapter' if adapter else 'posterior'} than the one in "
+            raise CommandError(f"--index {index.directory} was built with another {side} {kind} than the one in "
                                f"{where} (differs in {', '.join(differing)})")
-    if adapter:  # no shared matrices: the fingerprints above identify the adapters
-        if index.form is not CovarianceForm.DIAG:
-            raise CommandError(f"--index {index.directory} holds '{index.form.value}'-form items; a ProbVLM adapter "
-                               "gives 'diag'")
-        return
-    template = gallery.embed(torch.zeros(0, gallery.in_features, dtype=index.dtype), against=query)
+    template = gallery.embed(torch.zeros(0, gallery.in_features, dtype=index.dtype), against=query, **embed_options)
     if template.form is not index.form:
         raise CommandError(f"--index {index.directory} holds '{index.form.value}'-form items; the {index.tower} "
-                           f"posterior in {where} gives '{template.form.value}'")
+                           f"{kind} in {where} gives '{template.form.value}'")
     # The kron form's eigenbasis is derived from "shared"; an eigen-form basis is compared up to column signs,
     # which another machine's eigendecomposition may flip.
     compared = {"shared": (template.shared, False), "cross_shared": (template.cross_shared, False)}
