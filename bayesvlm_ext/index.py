@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import secrets
@@ -55,15 +54,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._files import output_directory, replacing, sync_folder, write_json
+from ._files import output_directory, sync_folder, write_json
 from ._validation import accumulation_dtype, check_tensor
 from .distribution import CovarianceForm, EmbeddingDistribution
 from .posterior import KronPosterior
 from .probvlm import ProbVLMAdapter
 from .retrieval import Score, merge_topk, topk
+from .storage import MappedSafetensors, save_aligned
 
 __all__ = ["IndexWriter", "RetrievalIndex", "ShardInfo", "build_index", "save_index", "open_index", "search",
-           "shard_ranges", "open_safetensors", "new_generation", "DEFAULT_SHARD_ROWS"]
+           "shard_ranges", "new_generation", "DEFAULT_SHARD_ROWS"]
 
 FORMAT = "bayesvlm_ext.RetrievalIndex"
 VERSION = 2
@@ -81,12 +81,6 @@ _PER_ITEM = {CovarianceForm.KRON: "alpha", CovarianceForm.EIGEN: "k", Covariance
 _SHARED = {CovarianceForm.KRON: ("shared", "shared_eigvals", "basis"), CovarianceForm.EIGEN: ("basis",),
            CovarianceForm.DIAG: ()}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                       "BOOL": torch.bool}
-_SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
-_ALIGNMENT = 64  # bytes, as PyTorch's CPU allocator aligns
-_MAX_HEADER = 100 * 2**20  # a safetensors header larger than this is a corrupt file, not a real one
 
 
 def shard_file_name(number: int) -> str:
@@ -253,7 +247,7 @@ class IndexWriter:
         tensors = {name: _cpu(t, self.dtype) for name, t in tensors.items()}
         tensors["row"] = torch.arange(start, stop, dtype=torch.int64)
         os.makedirs(self.folder, exist_ok=True)
-        _save(tensors, os.path.join(self.folder, shard_file_name(number)))
+        save_aligned(tensors, os.path.join(self.folder, shard_file_name(number)))
 
     def finish(self) -> None:
         """Writes shared.safetensors and the ids into the generation, then switches the index over to it.
@@ -270,10 +264,10 @@ class IndexWriter:
             raise ValueError(f"index {self.directory}: {len(missing)} shard(s) not written yet, e.g. {missing[0]}")
         if self.shared:
             files.append(SHARED_FILE)
-            _save(self.shared, os.path.join(self.folder, SHARED_FILE))
+            save_aligned(self.shared, os.path.join(self.folder, SHARED_FILE))
         if self.ids_kind == "int":
             files.append(IDS_TENSOR_FILE)
-            _save({"ids": self.ids}, os.path.join(self.folder, IDS_TENSOR_FILE))
+            save_aligned({"ids": self.ids}, os.path.join(self.folder, IDS_TENSOR_FILE))
         elif self.ids_kind == "str":
             files.append(IDS_JSON_FILE)
             write_json(os.path.join(self.folder, IDS_JSON_FILE), self.ids, f"index {self.directory}", indent=1)
@@ -483,7 +477,7 @@ class RetrievalIndex:
             if info.start != position or info.stop <= info.start:
                 raise ValueError(f"index {self.directory}: shard {number} covers rows [{info.start}, {info.stop}); "
                                  f"expected rows from {position} on")
-            header = _MappedSafetensors(info.file)
+            header = MappedSafetensors(info.file)
             for name, (dtype, width) in expected.items():
                 header.expect(name, dtype, (len(info), self.dim) if width else (len(info),))
             header.map()
@@ -496,14 +490,14 @@ class RetrievalIndex:
         names = _SHARED[self.form] + (("cross_shared",) if has_cross_quad else ())
         self.shared = {}
         if names:
-            shared_file = _MappedSafetensors(os.path.join(folder, SHARED_FILE))
+            shared_file = MappedSafetensors(os.path.join(folder, SHARED_FILE))
             for name in names:
                 shape = (self.dim,) if name == "shared_eigvals" else (self.dim, self.dim)
                 shared_file.expect(name, self.dtype, shape)
                 self.shared[name] = shared_file.tensor(name).clone()  # O(D^2) in memory; clone keeps the strides
         self._ids_kind, self._ids = ids_kind, None
         if ids_kind == "int":
-            ids_file = _MappedSafetensors(os.path.join(folder, IDS_TENSOR_FILE))
+            ids_file = MappedSafetensors(os.path.join(folder, IDS_TENSOR_FILE))
             ids_file.expect("ids", torch.int64, (self.rows,))
             self._ids = ids_file.tensor("ids")
         elif ids_kind == "str":
@@ -615,128 +609,10 @@ def search(
 
 # ---- helpers ---------------------------------------------------------------------------------------------
 
-class _MappedSafetensors:
-    """A safetensors file whose header is parsed here and whose tensors are views of one mmap of the file.
-
-    safetensors' own loaders copy tensors into memory; this maps the file (torch.from_file, MAP_PRIVATE)
-    and returns views, so the data stay in the page cache and are read on first touch.
-    """
-
-    def __init__(self, path: str):
-        self.path = path
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"missing file {path}")
-        self.size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-            if not 0 < length <= min(self.size - 8, _MAX_HEADER):
-                raise ValueError(f"{path} is not a safetensors file (bad header length)")
-            try:
-                header = json.loads(f.read(length))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise ValueError(f"{path} is not a safetensors file (header is not JSON)") from None
-        if not isinstance(header, dict):
-            raise ValueError(f"{path} is not a safetensors file (header is not a JSON object)")
-        metadata = header.pop("__metadata__", None) or {}
-        column_major = metadata.get("column_major", "") if isinstance(metadata, dict) else ""
-        self.column_major = set(column_major.split(",")) if isinstance(column_major, str) and column_major else set()
-        self.data_start, self.entries, self._bytes = 8 + length, {}, None
-        for name, entry in header.items():
-            try:
-                dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-                shape = tuple(int(s) for s in entry["shape"])
-                begin, end = (int(o) for o in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{path}: header entry {name!r} is corrupt or of an unsupported dtype") from None
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            if (min(shape, default=0) < 0 or end - begin != math.prod(shape) * itemsize or begin < 0
-                    or self.data_start + end > self.size):
-                raise ValueError(f"{path}: tensor {name!r} does not fit the file (shape {shape}, bytes "
-                                 f"[{begin}, {end}))")
-            if (self.data_start + begin) % itemsize:
-                raise ValueError(f"{path}: tensor {name!r} is not aligned to its {itemsize}-byte elements; cannot be "
-                                 "memory-mapped")
-            if name in self.column_major:
-                if len(shape) != 2:
-                    raise ValueError(f"{path}: tensor {name!r} is listed as column-major but is not 2-D")
-                shape = shape[::-1]  # the stored data is the transpose
-            self.entries[name] = (dtype, shape, begin, end)
-
-    def expect(self, name: str, dtype: torch.dtype, shape: tuple) -> None:
-        if name not in self.entries:
-            raise ValueError(f"{self.path} lacks the tensor {name!r}")
-        found_dtype, found_shape = self.entries[name][:2]
-        if found_dtype != dtype or found_shape != tuple(shape):
-            raise ValueError(f"{self.path}: tensor {name!r} must be {dtype} of shape {tuple(shape)}, got {found_dtype} "
-                             f"of shape {found_shape}")
-
-    def tensor(self, name: str) -> Tensor:
-        """A view of the mapped file (no copy). Treat it as read-only: writes stay private to this process."""
-        dtype, shape, begin, end = self.entries[name]
-        if name in self.column_major:
-            return self._view(dtype, shape[::-1], begin, end).T
-        return self._view(dtype, shape, begin, end)
-
-    def map(self) -> None:
-        """Maps the file now (else on the first `tensor`): the mapping keeps these bytes readable even after the
-        file is unlinked or renamed over (a rewritten index), as long as this object lives."""
-        if self._bytes is None:
-            try:
-                self._bytes = torch.from_file(self.path, shared=False, size=self.size, dtype=torch.uint8)
-            except RuntimeError:
-                if not os.path.isfile(self.path):  # removed since the header was read: let callers retry
-                    raise FileNotFoundError(f"missing file {self.path}") from None
-                raise
-
-    def _view(self, dtype: torch.dtype, shape: tuple, begin: int, end: int) -> Tensor:
-        if end == begin:
-            return torch.empty(shape, dtype=dtype)
-        self.map()
-        offset = self.data_start + begin
-        return self._bytes[offset:offset + end - begin].view(dtype).view(shape)
 
 
-def open_safetensors(path: str | os.PathLike) -> _MappedSafetensors:
-    """A memory-mapped reader of one safetensors file: `.entries` (name -> dtype, shape, ...), `.tensor(name)`."""
-    return _MappedSafetensors(os.fspath(path))
 
 
-def _save(tensors: dict[str, Tensor], path: str) -> None:
-    """Writes a safetensors file whose tensors start at multiples of 64 bytes, via a temporary name and an
-    atomic rename (readers see a whole file or none).
-
-    The alignment is that of PyTorch's own allocations: BLAS kernels may round differently for
-    differently aligned operands, and a mapped shard should score exactly like the same tensor in
-    memory. safetensors forbids holes in the data, so gaps are filled by uint8 tensors "__pad<i>__".
-    A [D, D] tensor stored transposed (it was column-major, as torch.linalg.eigh returns bases) is
-    listed in the metadata "column_major" and comes back with the same strides.
-    """
-    entries, blobs, offset, column_major = {}, [], 0, []
-    for name, t in tensors.items():
-        t = t.detach().cpu()
-        if t.dim() == 2 and not t.is_contiguous() and t.T.is_contiguous():
-            t, column_major = t.T, column_major + [name]
-        t = t.contiguous()
-        if offset % _ALIGNMENT:
-            gap = _ALIGNMENT - offset % _ALIGNMENT
-            entries[f"__pad{len(blobs)}__"] = {"dtype": "U8", "shape": [gap], "data_offsets": [offset, offset + gap]}
-            blobs.append(bytes(gap))
-            offset += gap
-        nbytes = t.numel() * t.element_size()
-        entries[name] = {"dtype": _SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape),
-                         "data_offsets": [offset, offset + nbytes]}
-        blobs.append(t.reshape(-1).view(torch.uint8).numpy() if nbytes else b"")
-        offset += nbytes
-    entries["__metadata__"] = {"format": "pt", "column_major": ",".join(column_major)}
-    header = json.dumps(entries, separators=(",", ":")).encode()
-    header += b" " * (-(8 + len(header)) % _ALIGNMENT)  # spaces are allowed after the JSON header
-    with replacing(path, "index file") as temporary:  # flushed to disk, renamed; removed on any failure
-        with open(temporary, "wb") as f:
-            f.write(len(header).to_bytes(8, "little"))
-            f.write(header)
-            for blob in blobs:
-                f.write(blob)
 
 
 def _read_manifest(directory: str):

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._savedir import read_config, read_header, read_tensors, saved_files, write_saved
+from .storage import read_config, read_header, read_tensors, saved_files, write_saved
 from ._validation import (FLOAT_DTYPES, accumulation_dtype, check_finite, check_finite_rows, check_positive_scalar,
                           check_same_device, check_shape, check_symmetric_factor, check_tensor, describe_rows,
                           parse_enum)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._files import replacing
-from ._savedir import read_config, read_header, read_tensors, saved_files, write_saved
+from .storage import read_config, read_header, read_tensors, saved_files, write_saved
 from ._validation import (accumulation_dtype, check_finite_rows, check_finite_scalar, check_logit_scale, check_tensor,
                           parse_enum)
 from .distribution import EmbeddingDistribution

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ._files import output_directory, replacing, write_json
-from ._savedir import read_config
+from .storage import read_config
 from ._validation import check_finite_scalar, check_logit_scale, check_tensor, parse_enum
 from .active import label_curvature, update_posterior
 from .capture import Captured, ProjectionSite, capture, find_projection

@@ -1,4 +1,4 @@
-"""Output files (bayesvlm_ext._files, _savedir.write_saved): written beside the target and renamed over it;
+"""Output files (bayesvlm_ext._files, storage.write_saved): written beside the target and renamed over it;
 symlinks written through; directories, devices and FIFOs refused before any work; no temporary file left."""
 
 import json

@@ -16,7 +16,8 @@ from testing import command_fails, devices, spd
 from bayesvlm_ext import EmbeddingDistribution, KronPosterior, build_index, merge_topk, open_index, ops, save_index, \
     search, topk
 from bayesvlm_ext.cli import main
-from bayesvlm_ext.index import IndexWriter, open_safetensors
+from bayesvlm_ext.index import IndexWriter
+from bayesvlm_ext.storage import open_safetensors
 
 D = 4
 P_IMAGE, P_TEXT = 6, 5

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..index import open_safetensors
+from ..storage import open_safetensors
 from .common import IMAGE_SUFFIXES, CommandError
 
 class LineProblem(Exception):

@@ -11,7 +11,7 @@ import torch
 
 from .._files import write_json
 from .._validation import check_finite_rows
-from ..index import open_safetensors
+from ..storage import open_safetensors
 from ..probvlm import DEFAULT_DEPTH, DEFAULT_DROPOUT, DEFAULT_HIDDEN, DEFAULT_LR, LossWeights, train_probvlm
 from ..probvlm import CONFIG_FILE as PROBVLM_CONFIG
 from ..probvlm import TENSORS_FILE as PROBVLM_TENSORS
