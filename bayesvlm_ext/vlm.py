@@ -118,8 +118,7 @@ class BayesVLM:
         """Fits both towers' posteriors from image-caption pairs (SPEC.md sections 2 and 6) and tunes each
         lambda by the evidence. Nothing is trained; the model is only run forward."""
         log_scale, bias = model_logit_params(model)
-        if likelihood is None:
-            likelihood = Likelihood.SIGLIP if getattr(model, "logit_bias", None) is not None else Likelihood.INFONCE
+        likelihood = likelihood or default_likelihood(model)
         fits = fit_factors(model, loader, likelihood=likelihood, class_batch_size=class_batch_size, sites=sites,
                            device=device, checkpoint=checkpoint, fingerprint=fingerprint, progress=progress,
                            distributed=distributed)
@@ -153,8 +152,7 @@ class BayesVLM:
                                                                 None if bias is None else bias.to(map_location),
                                                                 damping=damping, map_location=map_location)
         log_scale, logit_bias = model_logit_params(model)
-        if likelihood is None:
-            likelihood = Likelihood.SIGLIP if getattr(model, "logit_bias", None) is not None else Likelihood.INFONCE
+        likelihood = likelihood or default_likelihood(model)
         return cls(posteriors["image"], posteriors["text"], logit_scale=log_scale, logit_bias=logit_bias,
                    likelihood=likelihood, model=model, sites=sites)
 
@@ -219,7 +217,7 @@ class BayesVLM:
                 raise ValueError(f"BayesVLM.load: {path} has no {CONFIG_FILE} (written by an older bayesvlm_ext): "
                                  "pass the model, whose logit scale and bias it then uses")
             log_scale, logit_bias = model_logit_params(model)
-            likelihood = Likelihood.SIGLIP if getattr(model, "logit_bias", None) is not None else Likelihood.INFONCE
+            likelihood = default_likelihood(model)
             summary_file = os.path.join(path, "summary.json")
             num_data = read_config(summary_file, "BayesVLM.load").get("pairs") if os.path.isfile(summary_file) else None
             settings = {"logit_scale": log_scale, "logit_bias": logit_bias, "likelihood": likelihood,
@@ -411,6 +409,12 @@ class ZeroShot:
     ) -> Tensor:  # [N, C] the deterministic model's probabilities
         """The model without uncertainty: softmax (or sigmoid) of s cos + beta of its own embeddings."""
         return self.classifier.map_probabilities_of(self.vlm.capture("image", pixels).embeddings)
+
+
+def default_likelihood(model: nn.Module) -> Likelihood:
+    """SigLIP's sigmoid likelihood for a model with a logit bias (open_clip and Hugging Face SigLIP keep one;
+    CLIP has none or None), else CLIP's InfoNCE."""
+    return Likelihood.SIGLIP if getattr(model, "logit_bias", None) is not None else Likelihood.INFONCE
 
 
 def _check_same_layer(tower: str, site: ProjectionSite, posterior: KronPosterior) -> None:
