@@ -26,7 +26,7 @@ import torch
 
 from .._files import atomic_open, output_file
 from ..vlm import BayesVLM
-from .common import CommandError
+from .common import CommandError, check_at_least_one
 from .inputs import decoded_rgb, failure, image_list
 
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -65,9 +65,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Checks the options (parser.error, exit 2, before any work), then classifies."""
-    for name in ("top_k", "mc_samples", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    check_at_least_one(parser, args, ("top_k", "mc_samples", "batch_size"))
     directory, option = (args.posterior, "--posterior") if args.posterior is not None else (args.factors, "--factors")
     if not os.path.isdir(directory):
         parser.error(f"{option} {directory}: no such directory")

@@ -22,6 +22,13 @@ class CommandError(Exception):
     """A user error found by a command: printed as "error: ..." and exit status 1."""
 
 
+def check_at_least_one(parser: argparse.ArgumentParser, args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    """parser.error naming the first of the int options `names` (attribute names) that is below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+
+
 def check_output_directory(parser: argparse.ArgumentParser, out: str, files: list[str]) -> None:
     """parser.error naming --out unless `out` is (or can be made) a directory and each of `files` in it (paths
     relative to it) can be replaced by a regular file: checked before any work, nothing created."""

@@ -13,7 +13,7 @@ from .._files import write_json
 from ..curvature import DEFAULT_CLASS_BATCH_SIZE, Likelihood
 from ..fit import ClassBatchSampler, weights_digest
 from ..vlm import BayesVLM
-from .common import check_output_directory
+from .common import check_at_least_one, check_output_directory
 from .distributed import start_distributed, sum_over_ranks
 from .inputs import PairsDataset, SkippingLoader
 
@@ -44,9 +44,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Checks the options (parser.error, exit 2, before any work), then fits."""
-    for name in ("class_batch_size", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    check_at_least_one(parser, args, ("class_batch_size", "batch_size"))
     if args.workers < 0:
         parser.error(f"--workers must be at least 0 (0: load in the main process), got {args.workers}")
     if not args.pseudo_count > 0 or args.pseudo_count == float("inf"):

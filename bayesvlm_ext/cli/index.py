@@ -14,7 +14,8 @@ import torch
 from .._validation import accumulation_dtype
 from ..index import DEFAULT_SHARD_ROWS, IndexWriter, first_non_finite_row, new_generation
 from ..probvlm import DEFAULT_EMBED_OPTIONS, MeanSource, Uncertainty
-from .common import CommandError, check_logit_scale_option, check_model_directory, check_output_directory, load_models
+from .common import (CommandError, check_at_least_one, check_logit_scale_option, check_model_directory,
+                     check_output_directory, load_models)
 from .distributed import all_ok, block, rank0_name, run_distributed
 from .inputs import FeatureFile, ImageFeatures
 
@@ -73,9 +74,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def checked_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
     """The options checked before any work (parser.error: exit 2, naming the option)."""
-    for name in ("shard_rows", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    check_at_least_one(parser, args, ("shard_rows", "batch_size"))
     check_model_directory(parser, args)
     given = [option for option in _ADAPTER_OPTIONS if getattr(args, option[2:].replace("-", "_")) is not None]
     if args.adapter is None and given:

@@ -69,15 +69,21 @@ def _json_text(value, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def _string_field(record: dict, key: str, empty_reason: str, empty_message: str) -> str:
+    """record[key], a non-blank string; LineProblem naming what is wrong otherwise (counted by reason)."""
+    if key not in record:
+        raise LineProblem("malformed line", f'no "{key}" key')
+    value = record[key]
+    if not isinstance(value, str):
+        raise LineProblem("malformed line", f"{key} is not a string (got {_json_text(value)})")
+    if not value.strip():
+        raise LineProblem(empty_reason, empty_message)
+    return value
+
+
 def _listed_image(record: dict, folder: str) -> str:
     """The image path a JSONL record names, relative paths taken from `folder`; LineProblem when it names none."""
-    if "image" not in record:
-        raise LineProblem("malformed line", 'no "image" key')
-    image = record["image"]
-    if not isinstance(image, str):
-        raise LineProblem("malformed line", f"image is not a string (got {_json_text(image)})")
-    if not image.strip():
-        raise LineProblem("malformed line", "image is an empty string")
+    image = _string_field(record, "image", "malformed line", "image is an empty string")
     return image if os.path.isabs(image) else os.path.join(folder, image)
 
 
@@ -121,13 +127,7 @@ class PairsDataset(torch.utils.data.Dataset):
                 if isinstance(record, LineProblem):
                     raise record
                 image = _listed_image(record, folder)
-                if "caption" not in record:
-                    raise LineProblem("malformed line", 'no "caption" key')
-                caption = record["caption"]
-                if not isinstance(caption, str):
-                    raise LineProblem("malformed line", f"caption is not a string (got {_json_text(caption)})")
-                if not caption.strip():
-                    raise LineProblem("empty caption", "the caption is empty")
+                caption = _string_field(record, "caption", "empty caption", "the caption is empty")
                 if not os.path.isfile(image):
                     raise LineProblem("missing image", f"image {image}: no such file")
             except LineProblem as problem:

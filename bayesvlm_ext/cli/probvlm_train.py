@@ -15,7 +15,7 @@ from ..storage import open_safetensors
 from ..probvlm import DEFAULT_DEPTH, DEFAULT_DROPOUT, DEFAULT_HIDDEN, DEFAULT_LR, LossWeights, train_probvlm
 from ..probvlm import CONFIG_FILE as PROBVLM_CONFIG
 from ..probvlm import TENSORS_FILE as PROBVLM_TENSORS
-from .common import CommandError, check_output_directory
+from .common import CommandError, check_at_least_one, check_output_directory
 
 def add_parser(commands) -> argparse.ArgumentParser:
     train = commands.add_parser("probvlm-train", help="train the ProbVLM adapters on paired embeddings (SPEC.md "
@@ -50,9 +50,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def checked_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
     """The options checked before any work (parser.error: exit 2, naming the option)."""
-    for name in ("hidden", "depth", "epochs", "patience", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    check_at_least_one(parser, args, ("hidden", "depth", "epochs", "patience", "batch_size"))
     if not 0 < args.val_fraction < 1:
         parser.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if not 0 <= args.dropout < 1:

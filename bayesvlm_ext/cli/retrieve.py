@@ -19,7 +19,8 @@ from ..index import RetrievalIndex, first_non_finite_row, open_index, search
 from ..posterior import KronPosterior
 from ..probvlm import DEFAULT_EMBED_OPTIONS, ProbVLMAdapter
 from ..retrieval import Score, merge_topk
-from .common import OTHER_TOWER, CommandError, check_logit_scale_option, check_model_directory, load_models
+from .common import (OTHER_TOWER, CommandError, check_at_least_one, check_logit_scale_option, check_model_directory,
+                     load_models)
 from .distributed import all_ok, block, gather_topk, rank0_name, run_distributed
 from .inputs import FeatureFile
 
@@ -52,9 +53,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def checked_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
     """The options checked before any work (parser.error: exit 2, naming the option)."""
-    for name in ("k", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    check_at_least_one(parser, args, ("k", "batch_size"))
     for name in ("kappa", "logit_scale", "logit_bias"):
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
