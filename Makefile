@@ -50,7 +50,9 @@ test: test-cpp test-python test-sanitize-cpu
 # C++ exception aborts). Any out-of-bounds access or undefined operation aborts the run; --capture=sys leaves
 # file descriptor 2 alone, so the sanitizer's report is printed rather than lost with pytest's capture.
 ASAN_LIB_DIR := build/asan/lib
-SANITIZE_CPU_TESTS := tests/test_ops.py tests/test_fused_ops.py tests/test_degenerate.py tests/test_fuzz.py \
+OP_TESTS := tests/test_op_kron_quadform.py tests/test_op_item_stats.py tests/test_op_pairwise_moments.py \
+	tests/test_op_topk_moments.py tests/test_ops_compile.py
+SANITIZE_CPU_TESTS := $(OP_TESTS) tests/test_degenerate.py tests/test_fuzz.py \
 	tests/test_retrieval.py tests/test_index.py -q -p no:cacheprovider --capture=sys
 sanitize-cpu: $(VENV)/.deps-installed $(CSRC)
 	mkdir -p build
@@ -68,7 +70,7 @@ bench: setup
 	$(PY) -m pytest benchmarks --benchmark-only
 
 # On a GPU machine: every CUDA kernel under compute-sanitizer (memcheck, then racecheck for shared memory).
-SANITIZE_TESTS := tests/test_fused_ops.py tests/test_ops.py -k cuda -x -q -p no:cacheprovider
+SANITIZE_TESTS := $(OP_TESTS) -k cuda -x -q -p no:cacheprovider
 sanitize: setup
 	compute-sanitizer --tool memcheck --error-exitcode 1 $(PY) -m pytest $(SANITIZE_TESTS)
 	compute-sanitizer --tool racecheck --error-exitcode 1 $(PY) -m pytest $(SANITIZE_TESTS)

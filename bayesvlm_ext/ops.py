@@ -1,10 +1,10 @@
 """Thin wrappers over torch.ops.bayesvlm_ext, with fake kernels and autograd formulas.
 
 Each wrapper validates its arguments (ValueError naming the argument), then calls the compiled
-op when `backend(device)` says one serves that device, else the same-named function of
-`bayesvlm_ext.reference`. The ops without an autograd formula (item_stats, pairwise_moments,
-topk_moments) also take the reference path when a gradient is needed: same numbers, differentiable.
-Argument conventions of the pairwise ops: csrc/moments.h.
+op when `backend(device)` says one serves that device, else its differentiable PyTorch twin of the
+same name (`bayesvlm_ext._torch_impl`). The ops without an autograd formula (item_stats,
+pairwise_moments, topk_moments) also take the PyTorch path when a gradient is needed: same numbers,
+differentiable. Argument conventions of the pairwise ops: csrc/moments.h.
 """
 
 from __future__ import annotations
@@ -12,11 +12,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import reference
+from . import _torch_impl
 from ._extension import backend, has_extension
 from ._validation import accumulation_dtype, check_finite_scalar, check_tensor
 
-__all__ = ["kron_quadform", "item_stats", "item_stats_exact", "pairwise_moments", "topk_moments"]
+__all__ = ["kron_quadform", "item_stats", "item_stats_exact", "pairwise_moments", "topk_moments", "topk_order"]
+
+# The top-k order every backend ranks by (SPEC.md sections 7 and 12): key descending, NaN after every other
+# key, equal keys by the lower column. Public here for the modules that merge top-k lists themselves.
+topk_order = _torch_impl.topk_order
 
 
 def kron_quadform(
@@ -38,7 +42,7 @@ def kron_quadform(
     if C.device != phi.device:
         raise ValueError(f"arguments 'phi' and 'C' must be on one device, got {phi.device} and {C.device}")
     if backend(phi.device) == "torch":
-        return reference.kron_quadform(phi, C)
+        return _torch_impl.kron_quadform(phi, C)
     return torch.ops.bayesvlm_ext.kron_quadform(phi, C)
 
 
@@ -93,7 +97,7 @@ def item_stats(
     _check_item_inputs(phi, weight, bias, residual, B_cross, A_inv=A_inv)
     if _compiled("item_stats", phi.device, phi, weight, bias, residual, A_inv, B_cross):
         return torch.ops.bayesvlm_ext.item_stats(phi, weight, bias, residual, A_inv, B_cross)
-    return reference.item_stats(phi, weight, bias, residual, A_inv, B_cross)
+    return _torch_impl.item_stats(phi, weight, bias, residual, A_inv, B_cross)
 
 
 def item_stats_exact(
@@ -110,7 +114,7 @@ def item_stats_exact(
     _check_item_inputs(phi, weight, bias, residual, B_cross, Qa=Qa, K=K)
     if _compiled("item_stats_exact", phi.device, phi, weight, bias, residual, Qa, K, B_cross):
         return torch.ops.bayesvlm_ext.item_stats_exact(phi, weight, bias, residual, Qa, K, B_cross)
-    return reference.item_stats_exact(phi, weight, bias, residual, Qa, K, B_cross)
+    return _torch_impl.item_stats_exact(phi, weight, bias, residual, Qa, K, B_cross)
 
 
 def _check_pairwise(x, y, x_stats, y_stats, x_var, y_var) -> None:
@@ -158,7 +162,7 @@ def pairwise_moments(
     args = (x, y, x_stats, y_stats, x_var, y_var, *_pairwise_scalars(scale, bias, trace_cross), int(output))
     if _compiled("pairwise_moments", x.device, x, y, x_stats, y_stats, x_var, y_var):
         return torch.ops.bayesvlm_ext.pairwise_moments(*args)
-    return reference.pairwise_moments(*args)
+    return _torch_impl.pairwise_moments(*args)
 
 
 def topk_moments(
@@ -186,7 +190,7 @@ def topk_moments(
     with torch.no_grad():
         if _compiled("topk_moments", x.device):
             return torch.ops.bayesvlm_ext.topk_moments(*args)
-        return reference.topk_moments(*args)
+        return _torch_impl.topk_moments(*args)
 
 
 if has_extension():

@@ -9,7 +9,7 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from . import ops, reference
+from . import ops
 from ._validation import check_finite_scalar, parse_enum
 from .distribution import EmbeddingDistribution
 from .moments import Variant, scale_and_bias, pairwise_inputs
@@ -97,7 +97,7 @@ def merge_topk(
     with torch.no_grad():
         if score is not Score.PROBIT:
             merged = _by_index([torch.cat(column, dim=1) for column in zip(*parts)])
-            chosen = reference.topk_order(merged[0])[:, :k]
+            chosen = ops.topk_order(merged[0])[:, :k]
             return tuple(t.gather(1, chosen) for t in merged)
         best = _by_index(list(parts[0]))
         best = _probit_best(best, min(k, best[0].shape[1]))
@@ -161,7 +161,7 @@ def _probit_best(columns: list[Tensor], k: int) -> tuple[Tensor, Tensor, Tensor,
     with _ieee_fp32_matmul(mean.device):
         keys = ops.pairwise_moments(mean.reshape(-1, 1), one, unit.expand(n * c, 3).contiguous(), unit,
                                     var.reshape(-1, 1).contiguous(), one, 1.0, 0.0, 0.0, 1)[0]
-    chosen = reference.topk_order(keys.reshape(n, c))[:, :k]
+    chosen = ops.topk_order(keys.reshape(n, c))[:, :k]
     # The original tensors, gathered, keep every bit (a -0.0 mean included) whatever the kernel wrote.
     return tuple(t.gather(1, chosen) for t in columns)
 

@@ -6,7 +6,7 @@
 
 Runs `pytest benchmarks --benchmark-only --benchmark-json=<tmp>` in a subprocess, then, per
 benchmark group, prints each entry's median time and its ratio to the group's baseline (the entry
-whose `extra_info["role"]` is "baseline": torch.mm for the moments, the reference for kron_quadform)
+whose `extra_info["role"]` is "baseline": torch.mm for the moments, the PyTorch twin for kron_quadform)
 and to the naive reference where the group has a separate one. Ratios are time / baseline time,
 so below 1 is faster. It then measures the peak extra memory of top-k and of the chunked
 baseline, each in a fresh process (benchmarks/memory.py), and checks the issue's targets (TARGETS)

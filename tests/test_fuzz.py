@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from testing import devices, dtypes, error_budget
 
 import bayesvlm_ext
-from bayesvlm_ext import EmbeddingDistribution, cosine_moments, merge_topk, ops, reference, topk
+from bayesvlm_ext import EmbeddingDistribution, _torch_impl, cosine_moments, merge_topk, ops, topk
 from bayesvlm_ext.index import save_index, search
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,
@@ -88,9 +88,9 @@ def magnitude_close(got: torch.Tensor, expected: torch.Tensor, magnitude: torch.
 def dense(data, scale, bias, trace_cross):
     """The reference's dense (mean, var) [N, M] and, in float64 on absolute values, their terms' magnitudes."""
     x, y, xs, ys, xv, yv = data
-    mean, var = reference.pairwise_moments(x, y, xs, ys, xv, yv, scale, bias, trace_cross, 0)
+    mean, var = _torch_impl.pairwise_moments(x, y, xs, ys, xv, yv, scale, bias, trace_cross, 0)
     absolute = [None if t is None else t.double().abs() for t in data]
-    mean_mag, var_mag = reference.pairwise_moments(*absolute, abs(scale), abs(bias), abs(trace_cross), 0)
+    mean_mag, var_mag = _torch_impl.pairwise_moments(*absolute, abs(scale), abs(bias), abs(trace_cross), 0)
     return mean, var, mean_mag, var_mag
 
 
@@ -99,7 +99,7 @@ def key_magnitude(score, kappa, mean_mag, var_mag, var):
     if score in (1, 2) and kappa:  # mean -/+ kappa sd; kappa = 0 must not meet an infinite var as 0 * inf
         return mean_mag + abs(kappa) * var_mag.sqrt()
     if score == 3:  # t = mean / sqrt(1 + pi/8 var): the mean's error, divided by the root
-        return 2 * mean_mag / (1 + reference.PI_OVER_8 * var.double()).abs().sqrt()
+        return 2 * mean_mag / (1 + _torch_impl.PI_OVER_8 * var.double()).abs().sqrt()
     return mean_mag
 
 
@@ -138,7 +138,7 @@ def on(device, data):
 def test_fuzz_pairwise_moments(device, case, output):
     dtype, data, (scale, bias, trace_cross) = case
     first, var = ops.pairwise_moments(*on(device, data), scale, bias, trace_cross, output)
-    exp_first, exp_var = reference.pairwise_moments(*data, scale, bias, trace_cross, output)
+    exp_first, exp_var = _torch_impl.pairwise_moments(*data, scale, bias, trace_cross, output)
     _, _, mean_mag, var_mag = dense(data, scale, bias, trace_cross)
     tol = error_budget(acc_dtype(dtype))
     magnitude_close(var, exp_var, var_mag, tol, "var")
@@ -172,7 +172,7 @@ def check_topk(result, data, scalars, k, score, kappa, dtype, what):
     assert bool((earlier[both] >= later[both]).all()), f"{what}: scores not sorted"
     # the reference's best k keys, and its moments at the returned rows
     exp_mean, exp_var, mean_mag, var_mag = dense(data, *scalars)
-    key = reference.topk_scores(exp_mean, exp_var, score, kappa)
+    key = _torch_impl.topk_scores(exp_mean, exp_var, score, kappa)
     key_mag = key_magnitude(score, kappa, mean_mag, var_mag, exp_var)
     tol = error_budget(acc_dtype(dtype))
     assert_best_k(key.double(), key_mag, indices, tol, what)
@@ -211,7 +211,7 @@ def test_fuzz_topk_moments(device, case):
     dtype, data, scalars, k, score, kappa = case
     compiled = ops.topk_moments(*on(device, data), *scalars, k, score, kappa)
     check_topk(compiled, data, scalars, k, score, kappa, dtype, f"{device}")
-    ref = reference.topk_moments(*data, *scalars, k, score, kappa, chunk=53)
+    ref = _torch_impl.topk_moments(*data, *scalars, k, score, kappa, chunk=53)
     check_topk(ref, data, scalars, k, score, kappa, dtype, "reference")
 
 
@@ -241,8 +241,8 @@ def test_fuzz_kron_quadform(device, n, p, dtype, step, transpose, data):
     acc = acc_dtype(dtype)
     phi_in, C_in = layout(phi.to(dtype), step, transpose), C.to(acc)
     alpha = ops.kron_quadform(phi_in.to(device), C_in.to(device))
-    expected = reference.kron_quadform(phi_in, C_in)
-    magnitude = reference.kron_quadform(phi_in.double().abs(), C_in.double().abs())
+    expected = _torch_impl.kron_quadform(phi_in, C_in)
+    magnitude = _torch_impl.kron_quadform(phi_in.double().abs(), C_in.double().abs())
     magnitude_close(alpha, expected, magnitude, error_budget(acc_dtype(dtype)), "alpha")
 
 
@@ -263,10 +263,10 @@ def test_fuzz_item_stats(device, n, p, d, dtype, with_bias, with_residual, with_
     if exact:
         factors = (data.draw(matrices(pa, pa, small, special_rate=0.02, scales=(1.0,))).to(acc),
                    data.draw(matrices(pa, d, (0.0, 0.5, 1.0, 2.0), special_rate=0.02, scales=(1.0,))).to(acc))
-        op, ref = ops.item_stats_exact, reference.item_stats_exact
+        op, ref = ops.item_stats_exact, _torch_impl.item_stats_exact
     else:
         factors = (data.draw(matrices(pa, pa, small, special_rate=0.02, scales=(1.0,))).to(acc),)
-        op, ref = ops.item_stats, reference.item_stats
+        op, ref = ops.item_stats, _torch_impl.item_stats
     args = (phi, weight, bias, residual, *factors, cross)
     got = op(*on(device, args))
     expected = ref(*args)
@@ -313,7 +313,7 @@ def test_fuzz_public_topk_and_index_search(data, form, dtype, n, m, d, score, sh
     k = data.draw(st.integers(1, m))
     scale, kappa = 10.0, 0.5
     mean, var = cosine_moments(queries, gallery, math.log(scale))
-    key = reference.topk_scores(mean.double(), var.double(), SCORE_CODE[score], kappa)
+    key = _torch_impl.topk_scores(mean.double(), var.double(), SCORE_CODE[score], kappa)
     # |cosine| <= 1 and its variance <= 1 (Cauchy-Schwarz), so every key is a difference of terms of size at
     # most scale (1 + kappa): the rounding budget of every key.
     magnitude = torch.full_like(key, scale * (1 + kappa))

@@ -1,6 +1,9 @@
 """Shared test parameters: devices and dtypes, built once (a machine without a GPU runs fewer cases)."""
 
+import pytest
 import torch
+
+import bayesvlm_ext
 
 devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 dtypes = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -17,6 +20,53 @@ def spd(n: int, generator: torch.Generator, *, rank: int | None = None, dtype=to
     x = torch.randn(rows, n, generator=generator, dtype=torch.float64)
     x = x * torch.logspace(0, -1.5, n, dtype=torch.float64)[None, :]
     return (x.T @ x / rows).to(dtype)
+
+
+# ---- the compiled ops' tests: shared inputs and float64 oracles ---------------------------------------
+needs_extension = pytest.mark.skipif(not bayesvlm_ext.has_extension(), reason="compiled extension not built")
+SCALE, BIAS, TRACE_CROSS = 100.0, -2.5, 0.3
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def budget(dtype):
+    """Inputs are read exactly and accumulated in float32 (float64): the budget of that precision."""
+    return error_budget(acc_dtype(dtype))
+
+
+def strided(t: torch.Tensor, transpose: bool) -> torch.Tensor:
+    return t.T.contiguous().T if transpose else t  # same values, column-major storage
+
+
+def pair_data(n, m, d, dtype, device, generator, with_var=False, var_width=None, transpose=False):
+    """Means in `dtype`, positive per-item stats and (optionally) positive variance features."""
+    acc = acc_dtype(dtype)
+    x = strided(torch.randn(n, d, generator=generator, dtype=torch.float64).to(dtype), transpose).to(device)
+    y = torch.randn(m, d, generator=generator, dtype=torch.float64).to(dtype).to(device)
+    x_stats = (torch.rand(n, 3, generator=generator, dtype=torch.float64) + 0.1).to(device=device, dtype=acc)
+    y_stats = (torch.rand(m, 3, generator=generator, dtype=torch.float64) + 0.1).to(device=device, dtype=acc)
+    x_var = y_var = None
+    if with_var:
+        width = var_width if var_width is not None else 2 * d
+        x_var = torch.rand(n, width, generator=generator, dtype=torch.float64).to(device=device, dtype=acc)
+        y_var = torch.rand(m, width, generator=generator, dtype=torch.float64).to(device=device, dtype=acc)
+    return x, y, x_stats, y_stats, x_var, y_var
+
+
+def oracle_moments(x, y, x_stats, y_stats, x_var, y_var, scale=SCALE, bias=BIAS, trace_cross=TRACE_CROSS):
+    """SPEC.md section 4 in float64: (mean, var, magnitude of the mean's rounding) [N, M] each."""
+    x, y, xs, ys = x.double().cpu(), y.double().cpu(), x_stats.double().cpu(), y_stats.double().cpu()
+    c = xs[:, 0:1] * ys[:, 0][None, :]
+    if x_var is not None:
+        dot_var = x_var.double().cpu() @ y_var.double().cpu().T
+    else:
+        ax, qx, ay, qy = xs[:, 1:2], xs[:, 2:3], ys[:, 1][None, :], ys[:, 2][None, :]
+        dot_var = ay * qx + ax * qy + trace_cross * ax * ay
+    mean = scale * (x @ y.T) * c + bias
+    magnitude = scale * (x.abs() @ y.abs().T) * c + abs(bias)
+    return mean, scale**2 * dot_var * c * c, magnitude
 
 
 def command_fails(main, capsys, argv: list[str], message: str, status: int = 1) -> None:
