@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ._validation import check_finite, check_finite_scalar, check_logit_scale, check_tensor, parse_enum
+from .distributed import collective_device, distributed_rank
 
 __all__ = ["Likelihood", "FactorAccumulator", "kfac_factors"]
 
@@ -156,30 +157,6 @@ def kfac_factors(
     if world > 1:
         accumulator.all_reduce(group)
     return accumulator.factors()
-
-
-def distributed_rank(distributed: bool | None, group) -> tuple[int, int]:
-    """(rank, world size) for sharding, (0, 1) when not distributed."""
-    import torch.distributed as dist
-
-    active = dist.is_available() and dist.is_initialized()
-    if distributed is None:
-        distributed = active and dist.get_world_size(group) > 1
-    if not distributed:
-        return 0, 1
-    if not active:
-        raise ValueError("argument 'distributed' is True but torch.distributed is not initialised "
-                         "(call torch.distributed.init_process_group, or run under torchrun)")
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
-def collective_device(group) -> torch.device:
-    """The device collectives of `group` need: CUDA for NCCL, else CPU."""
-    import torch.distributed as dist
-
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def projected_curvature(

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .capture import ProjectionSite, capture, find_projection
-from .curvature import DEFAULT_CLASS_BATCH_SIZE, FactorAccumulator, Likelihood, collective_device, distributed_rank
+from .curvature import DEFAULT_CLASS_BATCH_SIZE, FactorAccumulator, Likelihood
+from .distributed import all_ranks, distributed_rank
 
 __all__ = ["TowerFactors", "ClassBatchSampler", "fit_factors", "weights_digest", "model_logit_params",
            "unnormalised_encoder"]
@@ -187,7 +188,7 @@ def fit_factors(
             except ValueError as error:
                 refusal = error
         # Every rank must refuse together: one that went on alone would wait forever in the reductions.
-        if world > 1 and not _all_ranks(refusal is None, group) and refusal is None:
+        if world > 1 and not all_ranks(refusal is None, group) and refusal is None:
             refusal = ValueError(f"checkpoint {checkpoint}: another rank refused its checkpoint (see its error)")
         if refusal is not None:
             raise refusal
@@ -215,7 +216,7 @@ def fit_factors(
             _save_checkpoint(checkpoint, inputs, accumulators, pending, done)
     bar.close()
     if world > 1:  # a rank stopped by max_batches keeps every rank from reducing
-        exhausted = _all_ranks(exhausted, group)
+        exhausted = all_ranks(exhausted, group)
     if exhausted and len(pending):
         _add_class_batch(accumulators, pending.take())
     if checkpoint is not None:
@@ -275,15 +276,6 @@ def _check_sharded(loader, class_batch_size: int, rank: int, world: int) -> None
     raise ValueError(f"argument 'loader': under torch.distributed ({world} ranks) each rank must load its own "
                      "share of the class batches: DataLoader(dataset, batch_sampler=ClassBatchSampler(len(dataset), "
                      "class_batch_size, batch_size))")
-
-
-def _all_ranks(flag: bool, group) -> bool:
-    """True when `flag` is True on every rank of `group`."""
-    import torch.distributed as dist
-
-    value = torch.tensor([1.0 if flag else 0.0], device=collective_device(group))
-    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
-    return bool(value.item() == 1.0)
 
 
 def _add_class_batch(accumulators: dict[str, FactorAccumulator], pairs: dict[str, Tensor]) -> None:

@@ -385,9 +385,9 @@ def test_training_that_overflows_stops_with_an_error_instead_of_nan_weights(tmp_
 def test_non_finite_parameters_never_reach_the_best_state_or_the_checkpoint(tmp_path, monkeypatch):
     # The guard at the end of an epoch: an update that leaves the loss finite but a parameter infinite (here
     # forced after epoch 1's last step) stops the run; the checkpoint keeps epoch 0's finite state.
-    from bayesvlm_ext import probvlm
+    from bayesvlm_ext.probvlm import training
 
-    real_epoch = probvlm._train_epoch
+    real_epoch = training._train_epoch
 
     def poisoned_epoch(model, optimizer, *args):
         loss = real_epoch(model, optimizer, *args)
@@ -396,7 +396,7 @@ def test_non_finite_parameters_never_reach_the_best_state_or_the_checkpoint(tmp_
                 model.text.trunk_out.weight[0, 0] = float("inf")
         return loss
 
-    monkeypatch.setattr(probvlm, "_train_epoch", poisoned_epoch)
+    monkeypatch.setattr(training, "_train_epoch", poisoned_epoch)
     image, text = paired_embeddings(64)
     checkpoint = tmp_path / "checkpoint.pt"
     with pytest.raises(ValueError, match="after epoch 1 the parameters text.trunk_out.weight hold NaN or Inf"):

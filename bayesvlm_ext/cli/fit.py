@@ -11,10 +11,11 @@ import torch
 
 from .._files import write_json
 from ..curvature import DEFAULT_CLASS_BATCH_SIZE, Likelihood
+from ..distributed import sum_over_ranks
 from ..fit import ClassBatchSampler, weights_digest
 from ..vlm import BayesVLM
 from .common import check_at_least_one, check_output_directory
-from .distributed import start_distributed, sum_over_ranks
+from .distributed import run_distributed
 from .inputs import PairsDataset, SkippingLoader
 
 def add_parser(commands) -> argparse.ArgumentParser:
@@ -64,14 +65,7 @@ def _pretrained_identity(pretrained: str | None):
 
 
 def fit_command(args: argparse.Namespace) -> int:
-    rank, world, device = start_distributed(torch.device(args.device))
-    try:
-        return _fit(args, rank, world, device)
-    finally:
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+    return run_distributed(_fit, args, torch.device(args.device))
 
 
 def _fit(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> int:
@@ -121,7 +115,7 @@ def _fit(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
         say(f"error: {error} (skipped: {dict(skipped)})", file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - start
-    skipped = sum_over_ranks(skipped, ("unreadable image", "unusable caption"), world)
+    skipped = sum_over_ranks(skipped, ("unreadable image", "unusable caption"))
     if rank != 0:
         return 0
 

@@ -12,11 +12,12 @@ import time
 import torch
 
 from .._validation import accumulation_dtype
+from ..distributed import all_ranks, rank0_name
 from ..index import DEFAULT_SHARD_ROWS, IndexWriter, first_non_finite_row, new_generation
 from ..probvlm import DEFAULT_EMBED_OPTIONS, MeanSource, Uncertainty
 from .common import (CommandError, check_at_least_one, check_logit_scale_option, check_model_directory,
                      check_output_directory, load_models)
-from .distributed import all_ok, block, rank0_name, run_distributed
+from .distributed import block, run_distributed
 from .inputs import FeatureFile, ImageFeatures
 
 # `index` options for --adapter only (ProbVLMAdapter.embed's arguments); None when not given.
@@ -110,7 +111,7 @@ def _index(args: argparse.Namespace, rank: int, world: int, device: torch.device
 
     say = print if rank == 0 else (lambda *a, **k: None)
     start_time = time.perf_counter()
-    generation = _shared_generation(rank, world)  # every rank writes its shards into this one new folder
+    generation = _shared_generation(rank)  # every rank writes its shards into this one new folder
     try:  # every rank reads the same inputs, so every rank fails here alike
         gallery_posterior, query_posterior, where = load_models(args, args.tower)
         embed_options = None
@@ -172,7 +173,7 @@ def _index(args: argparse.Namespace, rank: int, world: int, device: torch.device
         raise
     finally:
         bar.close()
-    if not all_ok(failure is None, world):  # collective: after it no rank writes into the generation any more
+    if not all_ranks(failure is None):  # collective: after it no rank writes into the generation any more
         if failure is not None:
             print(f"error: {failure}" + (f" (rank {rank})" if world > 1 else ""), file=sys.stderr)
         if rank == 0:
@@ -197,6 +198,6 @@ def _index(args: argparse.Namespace, rank: int, world: int, device: torch.device
     return 0
 
 
-def _shared_generation(rank: int, world: int) -> str:
+def _shared_generation(rank: int) -> str:
     """A new index generation name (index.new_generation), picked by rank 0 and sent to every rank."""
-    return rank0_name(new_generation() if rank == 0 else "", world)
+    return rank0_name(new_generation() if rank == 0 else "")

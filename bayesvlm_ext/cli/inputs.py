@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..distributed import distributed_rank, merged_over_ranks
 from ..storage import open_safetensors
 from .common import IMAGE_SUFFIXES, CommandError
 
@@ -330,9 +331,7 @@ def unusable_images(paths: list[str]) -> dict[int, tuple[str, str]]:
 
     Under torch.distributed each rank decodes every K-th image and the findings are gathered, so every rank
     holds the same answer (and lays out the same rows) for 1/K of the decoding."""
-    import torch.distributed as dist
-
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    rank, world = distributed_rank()
     problems = {}
     for i in range(rank, len(paths), world):
         if not os.path.isfile(paths[i]):
@@ -342,8 +341,4 @@ def unusable_images(paths: list[str]) -> dict[int, tuple[str, str]]:
             decoded_rgb(paths[i])
         except Exception as error:  # whatever one image does, it costs only its row
             problems[i] = ("unreadable image", f"cannot be read ({failure(error)})")
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, problems)
-        problems = {i: problem for part in gathered for i, problem in part.items()}
-    return problems
+    return merged_over_ranks(problems)

@@ -14,6 +14,7 @@ import torch
 
 from .._files import atomic_open, output_file
 from .._validation import accumulation_dtype
+from ..distributed import all_ranks, gather_topk, rank0_name
 from ..distribution import CovarianceForm, EmbeddingDistribution
 from ..index import RetrievalIndex, first_non_finite_row, open_index, search
 from ..posterior import KronPosterior
@@ -21,7 +22,7 @@ from ..probvlm import DEFAULT_EMBED_OPTIONS, ProbVLMAdapter
 from ..retrieval import Score, merge_topk
 from .common import (OTHER_TOWER, CommandError, check_at_least_one, check_logit_scale_option, check_model_directory,
                      load_models)
-from .distributed import all_ok, block, gather_topk, rank0_name, run_distributed
+from .distributed import block, run_distributed
 from .inputs import FeatureFile
 
 def add_parser(commands) -> argparse.ArgumentParser:
@@ -81,7 +82,7 @@ def _retrieve(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     say = print if rank == 0 else (lambda *a, **k: None)
     start_time = time.perf_counter()
     try:  # every rank reads the same inputs, so every rank fails here alike
-        index = _open_one_generation(args.index, world)  # a snapshot: later rewrites do not change it
+        index = _open_one_generation(args.index)  # a snapshot: later rewrites do not change it
         if index.tower is None:
             raise CommandError(f"--index {args.index} names no tower (built in Python without tower=); rebuild it "
                                "with `bayesvlm-ext index` or build_index(..., tower=)")
@@ -141,7 +142,7 @@ def _retrieve(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                 result = search(index, embedded, k, args.score, args.kappa, logit_scale=logit_scale,
                                 logit_bias=logit_bias, shards=blocks[rank])
                 if world > 1:
-                    parts = gather_topk(result, counts, k, rank, world)
+                    parts = gather_topk(result, counts, k)
                     result = merge_topk(parts, k, args.score, args.kappa) if rank == 0 else None
                 if rank == 0:
                     values, rows, mean, var = result
@@ -162,13 +163,13 @@ def _retrieve(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     return 0
 
 
-def _open_one_generation(directory: str, world: int) -> RetrievalIndex:
+def _open_one_generation(directory: str) -> RetrievalIndex:
     """open_index on every rank, all of the same generation: a rewrite that switches index.json between the
     ranks' opens would otherwise have them search (and merge) two different galleries."""
     for _ in range(3):
         index = open_index(directory)
         mine = index.generation or ""  # "" for a version 1 index
-        if all_ok(rank0_name(mine, world) == mine, world):
+        if all_ranks(rank0_name(mine) == mine):
             return index
     raise CommandError(f"--index {directory} was rewritten while the ranks opened it, three times; run again")
 
