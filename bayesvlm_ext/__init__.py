@@ -12,7 +12,8 @@ from .distribution import CovarianceForm, EmbeddingDistribution
 from .fit import ClassBatchSampler, TowerFactors, fit_factors
 from .index import IndexWriter, RetrievalIndex, build_index, open_index, save_index, search
 from .moments import MomentsOutput, Variant, cosine_moments
-from .posterior import Damping, FactorReport, KronPosterior
+from .kron import Damping, FactorReport
+from .posterior import KronPosterior
 from .predictive import Link, accuracy, ece, nlpd, predictive, reliability
 from .probvlm import (GGDParams, LossWeights, ProbVLM, ProbVLMAdapter, TrainingHistory, ggd_nll, ggd_variance,
                       train_probvlm)

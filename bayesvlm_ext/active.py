@@ -36,6 +36,7 @@ from ._validation import (accumulation_dtype, check_finite, check_positive_scala
                           check_tensor, parse_enum)
 from .curvature import Likelihood, projected_curvature
 from .distribution import CovarianceForm, EmbeddingDistribution
+from .kron import KronFactors
 from .moments import scale_and_bias
 from .posterior import KronPosterior
 from .predictive import predictive
@@ -361,7 +362,8 @@ def update_posterior(
 ) -> KronPosterior:  # the updated posterior; it was fitted on N + n data
     """The posterior after labelling n more inputs (SPEC.md section 8, the sums of section 6).
 
-    The fit stores A = sum phi phi^T / sqrt(N) and B = sum H / sqrt(N); the update keeps that scaling:
+    The fit stores A = sum phi phi^T / sqrt(N) and B = sum H / sqrt(N); the update is factor addition on those
+    sums (`kron.KronFactors`), which keeps that scaling:
       A' = (sqrt(N) A + sum_i phi_i phi_i^T) / sqrt(N + n),  B' = (sqrt(N) B + sum_i H_i) / sqrt(N + n)
     (phi with a constant 1 appended when the layer has a bias), exactly the factors of a fit on all
     N + n data. H is a GGN, label-free: the labels move the MAP weight, which is kept unless `weight`/
@@ -401,10 +403,8 @@ def update_posterior(
     x = phi.to(torch.float64)
     if posterior.bias is not None:
         x = torch.cat([x, x.new_ones(rows, 1)], dim=1)
-    old_root, new_root = math.sqrt(num_data), math.sqrt(num_data + rows)
-    A = (old_root * posterior.A + x.T @ x) / new_root
-    B = (old_root * posterior.B + added_b) / new_root
-    updated = KronPosterior(A, B, posterior.weight if weight is None else weight,
+    factors = KronFactors(posterior.A, posterior.B, num_data) + KronFactors.from_sums(x.T @ x, added_b, rows)
+    updated = KronPosterior(factors.A, factors.B, posterior.weight if weight is None else weight,
                             posterior.bias if bias is None else bias, prior_precision=posterior.prior_precision,
                             pseudo_count=posterior.pseudo_count, damping=posterior.damping)
     if tune_prior_precision:

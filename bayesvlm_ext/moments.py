@@ -160,9 +160,7 @@ def _cast_structure(dist: EmbeddingDistribution, dtype: torch.dtype) -> Embeddin
     """dist with every covariance tensor in `dtype` (the means are left alone: the GEMM reads them)."""
     def cast(t):
         return None if t is None else t.to(dtype)
-    return EmbeddingDistribution(dist.mean, dist.form, alpha=cast(dist.alpha), shared=cast(dist.shared),
-                                 shared_eigvals=cast(dist.shared_eigvals), k=cast(dist.k), basis=cast(dist.basis),
-                                 variances=cast(dist.variances), sq_norm=cast(dist.sq_norm),
+    return EmbeddingDistribution(dist.mean, dist.covariance.to(dtype), sq_norm=cast(dist.sq_norm),
                                  cross_quad=cast(dist.cross_quad), cross_shared=dist.cross_shared)
 
 

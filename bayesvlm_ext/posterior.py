@@ -1,11 +1,12 @@
 """KronPosterior: the Kronecker-factored Laplace posterior over one tower's last linear layer.
 
 SPEC.md sections 2, 3 and 10. Factors are symmetrised on construction; their eigendecompositions
-(float64, negative eigenvalues clamped to 0) are computed once, on first use, and everything else
-(inverses, log-determinants, the marginal likelihood and its optimum, samples) is algebra on them.
+(`kron.KronDecomposed`: float64, negative eigenvalues clamped to 0) are computed once, on first use, and
+everything else (inverses, log-determinants, the marginal likelihood and its optimum, quadratic forms,
+samples) is algebra on the precision's grid of eigenvalues there.
 
 Degenerate input is an error naming what is wrong, never a silent NaN: non-finite factors, weights or features
-(the rows named), a factor with negative eigenvalues beyond round-off (CLAMP_RTOL, raised on first use),
+(the rows named), a factor with negative eigenvalues beyond round-off (kron.CLAMP_RTOL, raised on first use),
 features whose statistics overflow their dtype, evidence without a finite optimum, and damaged files.
 """
 
@@ -14,8 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass
-from enum import Enum
+from dataclasses import asdict
 
 import torch
 from torch import Tensor
@@ -25,7 +25,8 @@ from .storage import read_config, read_header, read_tensors, saved_files, write_
 from ._validation import (FLOAT_DTYPES, accumulation_dtype, check_finite, check_finite_rows, check_positive_scalar,
                           check_same_device, check_shape, check_symmetric_factor, check_tensor, describe_rows,
                           parse_enum)
-from .distribution import CovarianceForm, EmbeddingDistribution
+from .distribution import EigenCovariance, EmbeddingDistribution, KronCovariance
+from .kron import Damping, FactorReport, KronDecomposed
 
 logger = logging.getLogger("bayesvlm_ext")
 
@@ -33,29 +34,6 @@ SAVE_FORMAT = "bayesvlm_ext.KronPosterior"
 SAVE_VERSION = 1
 TENSORS_FILE = "posterior.safetensors"
 CONFIG_FILE = "posterior.json"
-# Negative eigenvalues are round-off and clamped to 0 (SPEC.md section 2) down to this fraction of the largest
-# eigenvalue; published factors reach 1e-6. Beyond it the factor is not a curvature (negated, damaged): an error.
-CLAMP_RTOL = 1e-2
-
-
-class Damping(str, Enum):
-    KRON = "kron"  # precision (sqrt(n) A + sqrt(lam) I) x (sqrt(n) B + sqrt(lam) I)
-    EXACT = "exact"  # precision n (A x B) + lam I
-
-
-@dataclass(frozen=True)
-class FactorReport:
-    """What symmetrising and clamping did to one factor (SPEC.md section 2)."""
-
-    name: str  # "A" or "B"
-    size: int
-    asymmetry: float  # max |X - X^T| of the factor as given
-    num_clamped: int  # eigenvalues below 0, set to 0
-    min_eigenvalue: float  # before clamping
-    max_eigenvalue: float
-    clamped_mass: float  # sum of the clamped eigenvalues' magnitudes
-
-
 class KronPosterior:
     """Gaussian posterior over W (D x P, plus a bias column when there is a bias) of one tower.
 
@@ -81,7 +59,8 @@ class KronPosterior:
             check_finite("bias", bias)
         check_same_device(A=A, B=B, weight=weight, bias=bias)
         p = in_features + (bias is not None)
-        a_what = "[P+1, P+1]: weight [D, P] plus the bias column" if bias is not None else "[P, P] to match weight [D, P]"
+        a_what = ("[P+1, P+1]: weight [D, P] plus the bias column" if bias is not None
+                  else "[P, P] to match weight [D, P]")
         self.A, asym_a = check_symmetric_factor("A", A, p, a_what)
         self.B, asym_b = check_symmetric_factor("B", B, out_features, "[D, D] to match weight [D, P]")
         self._asymmetry = {"A": asym_a, "B": asym_b}
@@ -92,7 +71,7 @@ class KronPosterior:
         self.damping = parse_enum("damping", damping, Damping)
         self._prior_precision = check_positive_scalar("prior_precision", prior_precision)
         self._pseudo_count = check_positive_scalar("pseudo_count", pseudo_count)
-        self._eig: dict[str, tuple[Tensor, Tensor, FactorReport]] = {}
+        self._decomposed: KronDecomposed | None = None
         self._derived: dict[tuple, dict[str, Tensor]] = {}
 
     # ---- sizes and hyper-parameters -------------------------------------------------------------
@@ -133,45 +112,31 @@ class KronPosterior:
                 f"damping={self.damping.value!r}, prior_precision={self.prior_precision:g}, "
                 f"pseudo_count={self.pseudo_count:g}, device={self.device})")
 
-    # ---- eigendecompositions ----------------------------------------------------------------------
-    def _factor_eig(self, name: str) -> tuple[Tensor, Tensor, FactorReport]:
-        """(clamped eigenvalues [n], eigenvectors [n, n], report), float64, computed once."""
-        if name not in self._eig:
-            values, vectors = torch.linalg.eigh(self.A if name == "A" else self.B)
-            negative = values < 0
-            report = FactorReport(name=name, size=values.numel(), asymmetry=self._asymmetry[name],
-                                  num_clamped=int(negative.sum()), min_eigenvalue=float(values.min()),
-                                  max_eigenvalue=float(values.max()), clamped_mass=float(-values[negative].sum()))
-            if report.min_eigenvalue < -CLAMP_RTOL * max(report.max_eigenvalue, 0.0):
-                raise ValueError(f"argument '{name}' is not positive semi-definite: its smallest eigenvalue "
-                                 f"{report.min_eigenvalue:.3g} is below -{CLAMP_RTOL:g} times its largest "
-                                 f"{report.max_eigenvalue:.3g}, far more than round-off (was it negated or "
-                                 "damaged?); clamping it to 0 would silently change the posterior")
-            if report.num_clamped:
-                logger.info("factor %s: clamped %d negative eigenvalues (min %.3g, total %.3g) to 0", name,
-                            report.num_clamped, report.min_eigenvalue, report.clamped_mass)
-            self._eig[name] = (values.clamp_min(0), vectors, report)
-        return self._eig[name]
+    # ---- the decomposed precision (SPEC.md section 2) --------------------------------------------------
+    @property
+    def decomposed(self) -> KronDecomposed:
+        """The factors' eigendecompositions (float64, computed once, on first use) and the precision's grid."""
+        if self._decomposed is None:
+            self._decomposed = KronDecomposed(self.A, self.B, self._asymmetry)
+        return self._decomposed
 
     @property
     def factor_report(self) -> dict[str, FactorReport]:
         """{"A": FactorReport, "B": FactorReport}: asymmetry and clamped eigenvalues of each factor."""
-        return {name: self._factor_eig(name)[2] for name in ("A", "B")}
+        return dict(self.decomposed.reports)
 
-    def _damped_eigenvalues(self, prior_precision: float) -> tuple[Tensor, Tensor]:
-        """kron: eigenvalues of A_d [p] and B_d [q]; exact: n a [p] and e [q] (precision n a_i e_j + lam)."""
-        a, e = self._factor_eig("A")[0], self._factor_eig("B")[0]
-        if self.damping is Damping.KRON:
-            root_n, root_lam = math.sqrt(self.pseudo_count), math.sqrt(prior_precision)
-            return root_n * a + root_lam, root_n * e + root_lam
-        return self.pseudo_count * a, e
+    def _hyper(self, prior_precision: float | None = None) -> tuple[Damping, float, float]:
+        """(damping, n, lam) for the grid; lam the current one unless given."""
+        lam = self.prior_precision if prior_precision is None else check_positive_scalar("prior_precision",
+                                                                                         prior_precision)
+        return self.damping, self.pseudo_count, lam
 
     def _derived_for(self, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
         """Tensors that embed() needs, in `dtype` on `device`; cached until lam or n change."""
         key = (dtype, device)
         if key not in self._derived:
-            qa, qb = self._factor_eig("A")[1], self._factor_eig("B")[1]
-            da, db = self._damped_eigenvalues(self.prior_precision)
+            qa, qb = self.decomposed.bases["A"], self.decomposed.bases["B"]
+            da, db = self.decomposed.damped(*self._hyper())
             t = {"weight": self.weight, "basis_B": qb}
             if self.bias is not None:
                 t["bias"] = self.bias
@@ -229,16 +194,14 @@ class KronPosterior:
             mean, alpha, sq_norm, cross_quad = ops.item_stats(phi, t["weight"], t.get("bias"), residual, t["A_inv"],
                                                               other_shared)
             _check_no_overflow(dtype, alpha[:, None], sq_norm, cross_quad if other_shared is not None else None)
-            return EmbeddingDistribution(mean, CovarianceForm.KRON, alpha=alpha, shared=t["B_inv"],
-                                         shared_eigvals=t["B_inv_eigvals"], basis=t["basis_B"], sq_norm=sq_norm,
-                                         cross_quad=cross_quad if other_shared is not None else None,
-                                         cross_shared=other_shared)
+            covariance = KronCovariance(alpha, t["B_inv"], t["B_inv_eigvals"], t["basis_B"])
+            return EmbeddingDistribution(mean, covariance, sq_norm=sq_norm, cross_shared=other_shared,
+                                         cross_quad=cross_quad if other_shared is not None else None)
         mean, k, sq_norm, cross_quad = ops.item_stats_exact(phi, t["weight"], t.get("bias"), residual, t["Qa"],
                                                             t["K"], other_shared)
         _check_no_overflow(dtype, k, sq_norm, cross_quad if other_shared is not None else None)
-        return EmbeddingDistribution(mean, CovarianceForm.EIGEN, k=k, basis=t["basis_B"], sq_norm=sq_norm,
-                                     cross_quad=cross_quad if other_shared is not None else None,
-                                     cross_shared=other_shared)
+        return EmbeddingDistribution(mean, EigenCovariance(k, t["basis_B"]), sq_norm=sq_norm, cross_shared=other_shared,
+                                     cross_quad=cross_quad if other_shared is not None else None)
 
     # ---- evidence and the prior precision (SPEC.md section 2) --------------------------------------
     def _map_sq_norm(self) -> float:
@@ -248,34 +211,17 @@ class KronPosterior:
 
     def logdet(self, prior_precision: float | None = None) -> float:
         """log det of the posterior precision at `prior_precision` (default: the current lam)."""
-        lam = self.prior_precision if prior_precision is None else check_positive_scalar("prior_precision",
-                                                                                         prior_precision)
-        da, db = self._damped_eigenvalues(lam)
-        p, q = da.numel(), db.numel()
-        if self.damping is Damping.KRON:
-            return float(q * da.log().sum() + p * db.log().sum())
-        return float(torch.log(da[:, None] * db[None, :] + lam).sum())
+        return self.decomposed.logdet(*self._hyper(prior_precision))
 
     def log_marginal_likelihood(self, prior_precision: float | None = None) -> float:
         """-1/2 lam ||W*||^2 + 1/2 p q log lam - 1/2 logdet(precision), up to the lam-free data term."""
-        lam = self.prior_precision if prior_precision is None else check_positive_scalar("prior_precision",
-                                                                                         prior_precision)
+        lam = self._hyper(prior_precision)[2]
         p, q = self.A.shape[0], self.B.shape[0]
         return -0.5 * lam * self._map_sq_norm() + 0.5 * p * q * math.log(lam) - 0.5 * self.logdet(lam)
 
     def _evidence_slope(self, log_lam: float) -> float:
         """2 d/d(log lam) of log_marginal_likelihood; strictly decreasing in lam, so its root is the optimum."""
-        lam = math.exp(log_lam)
-        p, q = self.A.shape[0], self.B.shape[0]
-        if self.damping is Damping.KRON:
-            a, e = self._factor_eig("A")[0], self._factor_eig("B")[0]
-            root_n, root_lam = math.sqrt(self.pseudo_count), math.sqrt(lam)
-            fit = 0.5 * q * float((root_lam / (root_n * a + root_lam)).sum()) + 0.5 * p * float(
-                (root_lam / (root_n * e + root_lam)).sum())
-            return p * q - lam * self._map_sq_norm() - fit
-        da, db = self._damped_eigenvalues(lam)
-        curvature = da[:, None] * db[None, :]
-        return float((curvature / (curvature + lam)).sum()) - lam * self._map_sq_norm()
+        return self.decomposed.evidence_slope(self.damping, self.pseudo_count, math.exp(log_lam), self._map_sq_norm())
 
     def optimize_prior_precision(self, rtol: float = 1e-12) -> float:
         """Set lam to the maximiser of the marginal likelihood and return it.
@@ -295,13 +241,9 @@ class KronPosterior:
         # The sign of the slope as lam -> 0, in closed form: the bracketing below evaluates it in floating point,
         # where a slope that is exactly 0 (zero factors) rounds to +-1e-15 and stops at an arbitrary lam ~ 1e-55.
         # kron: 1/2 (q #{a_i > 0} + p #{e_j > 0}); exact: #{(i, j): a_i e_j > 0}.
-        positive_a, positive_e = (int((self._factor_eig(n)[0] > 0).sum()) for n in ("A", "B"))
-        p, q = self.A.shape[0], self.B.shape[0]
-        if self.damping is Damping.KRON:
-            no_curvature = positive_a == 0 and positive_e == 0
-        else:
-            no_curvature = positive_a == 0 or positive_e == 0
-        if no_curvature:
+        if not self.decomposed.has_curvature(self.damping):
+            positive_a, positive_e = (int((self.decomposed.eigenvalues[n] > 0).sum()) for n in ("A", "B"))
+            p, q = self.A.shape[0], self.B.shape[0]
             raise ValueError(f"the marginal likelihood is maximised as lam -> 0: the factors carry no curvature "
                              f"(A has {positive_a} of {p} and B {positive_e} of {q} eigenvalues above 0; are the "
                              "factors zero?)")
@@ -347,12 +289,7 @@ class KronPosterior:
                              + f", got {tuple(delta.shape)}")
         if delta.device != self.device:
             raise ValueError(f"argument 'delta' must be on the posterior's device {self.device}, got {delta.device}")
-        dtype = accumulation_dtype(delta.dtype)
-        qa, qb = self._factor_eig("A")[1].to(dtype), self._factor_eig("B")[1].to(dtype)
-        da, db = self._damped_eigenvalues(self.prior_precision)
-        precision = db[:, None] * da[None, :] + (0 if self.damping is Damping.KRON else self.prior_precision)
-        rotated = qb.T @ delta.to(dtype) @ qa[:delta.shape[1]]  # a weight-only delta has zero bias column
-        return (rotated * rotated * precision.to(dtype)).sum()
+        return self.decomposed.quadratic(delta.to(accumulation_dtype(delta.dtype)), *self._hyper())
 
     # ---- sampling (SPEC.md section 2) --------------------------------------------------------------
     def sample_weights(
@@ -364,15 +301,9 @@ class KronPosterior:
         """k joint samples of (W, b) from the posterior, on the posterior's device."""
         if not isinstance(k, int) or k < 0:
             raise ValueError(f"argument 'k' must be a non-negative int, got {k!r}")
-        qa, qb = self._factor_eig("A")[1], self._factor_eig("B")[1]
-        da, db = self._damped_eigenvalues(self.prior_precision)
-        z = torch.randn((k, self.out_features, qa.shape[0]), dtype=torch.float64, device=self.device,
+        z = torch.randn((k, self.out_features, self.A.shape[0]), dtype=torch.float64, device=self.device,
                         generator=generator)
-        if self.damping is Damping.KRON:  # L_B Z L_A^T with L L^T = inverse of the damped factor
-            delta = (qb * db.rsqrt()) @ z @ (qa * da.rsqrt()).T
-        else:  # rotate to the eigenbases and scale entry (j, i) by (n a_i e_j + lam)^-1/2
-            scale = (db[:, None] * da[None, :] + self.prior_precision).rsqrt()
-            delta = qb @ (z * scale) @ qa.T
+        delta = self.decomposed.sample(z, *self._hyper())
         P = self.in_features
         weights = (self.weight + delta[..., :P]).to(dtype)
         biases = None if self.bias is None else (self.bias + delta[..., P]).to(dtype)
@@ -385,7 +316,7 @@ class KronPosterior:
         moved.__dict__.update(self.__dict__)
         moved.A, moved.B, moved.weight = self.A.to(device), self.B.to(device), self.weight.to(device)
         moved.bias = None if self.bias is None else self.bias.to(device)
-        moved._eig = {n: (v.to(device), q.to(device), r) for n, (v, q, r) in self._eig.items()}
+        moved._decomposed = None if self._decomposed is None else self._decomposed.to(device)
         moved._derived = {}
         return moved
 
@@ -397,7 +328,8 @@ class KronPosterior:
         config = {"format": SAVE_FORMAT, "version": SAVE_VERSION, "prior_precision": self.prior_precision,
                   "pseudo_count": self.pseudo_count, "damping": self.damping.value, "in_features": self.in_features,
                   "out_features": self.out_features, "has_bias": self.bias is not None,
-                  "factor_report": {n: asdict(r) for n, (_, _, r) in self._eig.items()}}
+                  "factor_report": {} if self._decomposed is None else {n: asdict(r) for n, r in
+                                                                        self._decomposed.reports.items()}}
         write_saved(path, TENSORS_FILE, tensors, CONFIG_FILE, config)
 
     KIND = "posterior"  # what messages call it

@@ -37,7 +37,7 @@ from ._validation import check_finite_scalar, check_logit_scale, check_tensor, p
 from .active import label_curvature, update_posterior
 from .capture import Captured, ProjectionSite, capture, find_projection
 from .curvature import DEFAULT_CLASS_BATCH_SIZE, Likelihood
-from .distribution import CovarianceForm, EmbeddingDistribution
+from .distribution import EmbeddingDistribution
 from .fit import TOWERS, fit_factors, model_logit_params, unnormalised_encoder
 from .moments import MomentsOutput, Variant, cosine_moments
 from .posterior import Damping, KronPosterior
@@ -291,11 +291,7 @@ class BayesVLM:
         embedded = posterior.embed(features, residual, against=other)
         # The covariance is the posterior's; the mean is the model's own output rather than the posterior's
         # W phi + b (the same numbers up to rounding: another GEMM), so the statistics are cached for it.
-        if embedded.form is CovarianceForm.KRON:
-            dist = EmbeddingDistribution.kron(captured.embeddings.to(posterior.device), embedded.alpha,
-                                              embedded.shared, embedded.shared_eigvals, embedded.basis)
-        else:
-            dist = EmbeddingDistribution.eigen(captured.embeddings.to(posterior.device), embedded.k, embedded.basis)
+        dist = EmbeddingDistribution(captured.embeddings.to(posterior.device), embedded.covariance)
         return dist.precompute(against=embedded.cross_shared)
 
     # ---- scoring -----------------------------------------------------------------------------------

@@ -91,13 +91,7 @@ def embed_in_chunks(posterior: KronPosterior, rows: int, generator: torch.Genera
     for start in range(0, rows, chunk):
         phi = torch.randn(min(chunk, rows - start), posterior.in_features, generator=generator)
         parts.append(posterior.embed(phi.to(device), against=against))
-    def cat(name):
-        values = [getattr(p, name) for p in parts]
-        return None if values[0] is None else torch.cat(values)
-    first = parts[0]
-    return EmbeddingDistribution(cat("mean"), first.form, alpha=cat("alpha"), shared=first.shared,
-                                 shared_eigvals=first.shared_eigvals, basis=first.basis, sq_norm=cat("sq_norm"),
-                                 cross_quad=cat("cross_quad"), cross_shared=first.cross_shared)
+    return EmbeddingDistribution.cat(parts)
 
 
 @pytest.fixture(scope="session")

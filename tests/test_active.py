@@ -274,7 +274,7 @@ def test_nearest_neighbours_against_dense_distances(damping, generator):
         expected_support, expected = brute_neighbours(cosine, 4)
         assert torch.equal(neighbours, expected) and torch.equal(support, expected_support)
     # One posterior: the covariances commute, and the result is the exact Gaussian W2.
-    cov_pool, cov_targets = pool.covariance(), targets.covariance()
+    cov_pool, cov_targets = pool.dense_covariance(), targets.dense_covariance()
     w2 = torch.tensor([[float(gaussian_w2(targets.mean[j], cov_targets[j], pool.mean[i], cov_pool[i]))
                         for i in range(12)] for j in range(5)])
     support, neighbours = nearest_neighbours(pool, targets, 4, "wasserstein", chunk_size=3)

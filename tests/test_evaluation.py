@@ -114,7 +114,7 @@ def test_retrieval_report_against_dense_rankings():
             for key, value in expected.items():
                 assert results[method][name][key] == pytest.approx(value, abs=1e-12)
         top1 = scores.argsort(dim=1, descending=True, stable=True)[:, 0]
-        uncertainty = queries.covariance().diagonal(dim1=1, dim2=2).sum(1) / (queries.mean**2).sum(1)
+        uncertainty = queries.dense_covariance().diagonal(dim1=1, dim2=2).sum(1) / (queries.mean**2).sum(1)
         bin_u, bin_r, rho = uncertainty_recall(uncertainty, gallery_labels[top1] == query_labels, 4)
         torch.testing.assert_close(torch.tensor(curves[name]["uncertainty"], dtype=torch.float64), bin_u,
                                    rtol=1e-10, atol=0)

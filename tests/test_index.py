@@ -251,7 +251,7 @@ def test_an_opened_index_is_one_snapshot_while_and_after_the_directory_is_rewrit
 
 
 def test_open_index_reads_again_when_a_rewrite_removed_the_generation_it_read(generator, tmp_path, monkeypatch):
-    import bayesvlm_ext.index as index_module
+    import bayesvlm_ext.index.reader as reader_module
 
     query, gallery = tower(generator, P_TEXT), tower(generator, P_IMAGE)
     build_index(tmp_path, gallery, torch.randn(6, P_IMAGE, generator=generator), query, shard_rows=4)
@@ -259,14 +259,14 @@ def test_open_index_reads_again_when_a_rewrite_removed_the_generation_it_read(ge
     for rows in (7, 8):  # two rewrites: the generation `stale` names is gone
         build_index(tmp_path, gallery, torch.randn(rows, P_IMAGE, generator=generator), query, shard_rows=4)
     assert not os.path.exists(tmp_path / stale["generation"])
-    real_read = index_module._read_manifest
+    real_read = reader_module.read_manifest
     reads = []
 
     def read_stale_first(directory):  # a reader that read index.json just before the two rewrites
         reads.append(directory)
         return stale if len(reads) == 1 else real_read(directory)
 
-    monkeypatch.setattr(index_module, "_read_manifest", read_stale_first)
+    monkeypatch.setattr(reader_module, "read_manifest", read_stale_first)
     index = open_index(tmp_path)
     assert len(index) == 8 and len(reads) >= 2
 

@@ -53,7 +53,7 @@ def test_embedding_covariance_matches_dense_kronecker(damping, bias, generator):
     torch.testing.assert_close(dist.mean, expected_mean, rtol=1e-12, atol=1e-12)
     phi_aug = torch.cat([phi, torch.ones(6, 1, dtype=phi.dtype)], 1) if bias else phi
     expected = dense_embedding_covariance(phi_aug, dense_precision(A, B, 0.7, 2.5, damping))
-    torch.testing.assert_close(dist.covariance(), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dist.dense_covariance(), expected, rtol=1e-10, atol=1e-12)
     # Derived views agree with the dense covariance.
     torch.testing.assert_close(dist.diagonal_variance(), torch.diagonal(expected, dim1=1, dim2=2), rtol=1e-10,
                                atol=1e-12)
@@ -142,10 +142,10 @@ def test_optimum_moves_with_the_pseudo_count_and_the_evidence_cannot_choose_it(d
 def test_prior_change_updates_cached_quantities(generator):
     post, (A, B, weight, b) = make_posterior(generator)
     phi = torch.randn(4, P, generator=generator, dtype=torch.float64)
-    before = post.embed(phi).covariance()
+    before = post.embed(phi).dense_covariance()
     post.prior_precision = 3.0
-    after = post.embed(phi).covariance()
-    fresh = KronPosterior(A, B, weight, b, prior_precision=3.0, pseudo_count=2.5).embed(phi).covariance()
+    after = post.embed(phi).dense_covariance()
+    fresh = KronPosterior(A, B, weight, b, prior_precision=3.0, pseudo_count=2.5).embed(phi).dense_covariance()
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, fresh, rtol=1e-12, atol=1e-14)
 
@@ -187,7 +187,7 @@ def test_negative_eigenvalues_are_clamped_and_reported(generator):
     assert report["B"].num_clamped == 0 and report["A"].clamped_mass == pytest.approx(1e-3, rel=1e-6)
     phi = torch.randn(5, P, generator=generator, dtype=torch.float64)
     reference = KronPosterior(A_clamped, B, weight, prior_precision=0.5)
-    torch.testing.assert_close(post.embed(phi).covariance(), reference.embed(phi).covariance(), rtol=1e-10,
+    torch.testing.assert_close(post.embed(phi).dense_covariance(), reference.embed(phi).dense_covariance(), rtol=1e-10,
                                atol=1e-12)
     assert post.logdet() == pytest.approx(reference.logdet(), rel=1e-12)
 
@@ -213,7 +213,7 @@ def test_save_load_round_trip_exact(tmp_path, damping, bias, generator):
         post.prior_precision, post.pseudo_count, post.damping)
     phi = torch.randn(5, P, generator=generator, dtype=torch.float64)
     a, b = post.embed(phi), loaded.embed(phi)
-    assert torch.equal(a.mean, b.mean) and torch.equal(a.covariance(), b.covariance())
+    assert torch.equal(a.mean, b.mean) and torch.equal(a.dense_covariance(), b.dense_covariance())
     assert loaded.logdet() == post.logdet()
 
 
@@ -433,7 +433,7 @@ def test_optimize_prior_precision_refuses_factors_without_curvature(damping, gen
     assert post.prior_precision == 1.0  # left as it was
     # The posterior itself is the prior then, and embeds finitely: S_i = ||phi_i||^2 I / lam.
     phi = torch.randn(3, P, generator=generator, dtype=torch.float64)
-    cov = post.embed(phi).covariance()
+    cov = post.embed(phi).dense_covariance()
     expected = (phi * phi).sum(1)[:, None, None] * torch.eye(D, dtype=torch.float64)
     torch.testing.assert_close(cov, expected, rtol=1e-12, atol=1e-12)
     # One zero factor: "exact" (curvature n a_i e_j) has none either; "kron" damps each factor apart and keeps a

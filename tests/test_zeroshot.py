@@ -45,7 +45,7 @@ def test_class_embedding_is_the_weighted_template_sum_for_every_weight(damping, 
     clf = ZeroShotClassifier.from_templates(img, txt, features, math.log(20.0))
     augmented = torch.cat([averaged, torch.ones(C, 1, dtype=torch.float64)], 1)
     expected = dense_embedding_covariance(augmented, dense_precision(txt.A, txt.B, 0.8, 2.0, damping))
-    torch.testing.assert_close(clf.classes.covariance(), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(clf.classes.dense_covariance(), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_identical_templates_do_not_shrink_the_variance(generator):
@@ -54,7 +54,7 @@ def test_identical_templates_do_not_shrink_the_variance(generator):
     one = torch.randn(C, 1, P_TXT, generator=generator, dtype=torch.float64)
     single = ZeroShotClassifier.from_templates(img, txt, one, math.log(20.0))
     repeated = ZeroShotClassifier.from_templates(img, txt, one.expand(C, T, P_TXT), math.log(20.0))
-    torch.testing.assert_close(repeated.classes.covariance(), single.classes.covariance(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(repeated.classes.dense_covariance(), single.classes.dense_covariance(), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("likelihood", ["softmax", "sigmoid"])

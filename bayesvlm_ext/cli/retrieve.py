@@ -136,9 +136,7 @@ def _retrieve(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                                                      **embed_options)
                 if cross_shared is not None and embedded.form is CovarianceForm.KRON:
                     # The index's copy of this tower's B^-1 (checked to match): its cached cross_quad then applies.
-                    embedded = EmbeddingDistribution(embedded.mean, embedded.form, alpha=embedded.alpha,
-                                                     shared=cross_shared, shared_eigvals=embedded.shared_eigvals,
-                                                     basis=embedded.basis)
+                    embedded = EmbeddingDistribution(embedded.mean, embedded.covariance.replace(shared=cross_shared))
                 result = search(index, embedded, k, args.score, args.kappa, logit_scale=logit_scale,
                                 logit_bias=logit_bias, shards=blocks[rank])
                 if world > 1:
