@@ -1,46 +1,55 @@
 """bayesvlm_ext: calibrated uncertainty for vision-language models without retraining.
 
-The mathematics is SPEC.md; the README maps each section to the names below.
+The mathematics is SPEC.md; docs/api.md maps each section to the code. Shapes: N images, M texts (or
+gallery items), C classes, P features entering a projection, D the embedding size.
+
+The object around a model:
+  BayesVLM          both towers' KronPosteriors + logit scale/bias + the wrapped model: fit, from_published,
+                    save/load, encode_image(pixels [N, 3, H, W]) / encode_text(tokens [M, L]) -> [N, D] / [M, D]
+                    EmbeddingDistribution, logits -> (mean, var) [N, M], zero_shot, topk -> 4 x [N, k], update
+  ZeroShot          BayesVLM.zero_shot(class_tokens [C, L] or [C, T, L]): predict(pixels) -> [N, C] probabilities
+  ProbVLM           the second method (SPEC 9): two adapters over frozen embeddings [N, D]; same logits / topk
+  train_probvlm     ProbVLM from paired embeddings image, text [N, D] -> (ProbVLM, TrainingHistory)
+The building blocks it composes:
+  KronPosterior     one tower's posterior over W [D, P] from factors A [P, P], B [D, D] (SPEC 2, 10);
+                    embed(phi [N, P]) -> EmbeddingDistribution
+  EmbeddingDistribution   means [N, D] + one covariance object per form (SPEC 3); take / to / cat
+  fit_factors       both towers' factors from a model and a loader of (pixels, tokens) pairs (SPEC 6)
+  kfac_factors      one tower's factors from features [N, P] and embeddings [N, D] (SPEC 6)
+  cosine_moments    (mean, var) [N, M] of the logits between two EmbeddingDistributions (SPEC 4), fused
+  predictive        probabilities [N, C] from logit moments: probit, sigmoid or Monte Carlo (SPEC 5)
+  accuracy, nlpd, ece      metrics of probabilities [N, C] against labels [N]
+  ZeroShotClassifier       class embeddings from template features [C, T, P] (SPEC 5)
+  topk              the k best of a gallery per query: values, indices, mean, var [N, k], streamed (SPEC 7)
+  build_index, open_index, search   a gallery's statistics on disk in memory-mapped shards, searched (SPEC 7)
+Modules for the rest: active (selection and online update, SPEC 8), capture (projection sites), curvature,
+distribution, evaluation (retrieval metrics), fit, index, kron (decomposed Kronecker precision), moments,
+ops (the compiled ops), predictive, probvlm, reference (published naive baselines), retrieval, zeroshot.
+Enumerations (damping, likelihood, variant, score, link, ...) are accepted as their strings everywhere.
 """
 
-from . import active, capture, evaluation, ops, probvlm, reference
+from . import (active, capture, curvature, distribution, evaluation, fit, index, kron, moments, ops, probvlm,
+               reference, retrieval, zeroshot)
 from ._extension import backend, build_info, has_extension
-from .active import (Acquisition, JointSamples, Metric, Selection, acquisition_scores, label_curvature,
-                     nearest_neighbours, select, update_posterior)
-from .curvature import FactorAccumulator, Likelihood, kfac_factors
-from .distribution import CovarianceForm, EmbeddingDistribution
-from .fit import ClassBatchSampler, TowerFactors, fit_factors
-from .index import IndexWriter, RetrievalIndex, build_index, open_index, save_index, search
-from .moments import MomentsOutput, Variant, cosine_moments
-from .kron import Damping, FactorReport
+from .curvature import kfac_factors
+from .distribution import EmbeddingDistribution
+from .fit import fit_factors
+from .index import build_index, open_index, search
+from .moments import cosine_moments
 from .posterior import KronPosterior
-from .predictive import Link, accuracy, ece, nlpd, predictive, reliability
-from .probvlm import (GGDParams, LossWeights, ProbVLM, ProbVLMAdapter, TrainingHistory, ggd_nll, ggd_variance,
-                      train_probvlm)
-from .retrieval import Score, merge_topk, topk
+from .predictive import accuracy, ece, nlpd, predictive
+from .probvlm import ProbVLM, train_probvlm
+from .retrieval import topk
 from .vlm import BayesVLM, ZeroShot
-from .zeroshot import ZeroShotClassifier, template_average
+from .zeroshot import ZeroShotClassifier
 
 __version__ = "0.1.0"
 
 __all__ = [
-    # the object around a model: both towers' posteriors, encode, logits, zero-shot, top-k, update
-    "BayesVLM", "ZeroShot",
-    # posterior, curvature and fitting
-    "KronPosterior", "Damping", "FactorReport", "kfac_factors", "FactorAccumulator", "Likelihood", "fit_factors",
-    "ClassBatchSampler", "TowerFactors",
-    # embeddings, moments, prediction, retrieval, zero-shot
-    "EmbeddingDistribution", "CovarianceForm", "cosine_moments", "Variant", "MomentsOutput", "predictive", "Link",
-    "accuracy", "nlpd", "ece", "reliability", "topk", "Score", "ZeroShotClassifier", "template_average",
-    # persistent retrieval index
-    "build_index", "open_index", "search", "save_index", "IndexWriter", "RetrievalIndex", "merge_topk",
-    # ProbVLM, the second method (SPEC 9)
-    "ProbVLM", "ProbVLMAdapter", "GGDParams", "LossWeights", "TrainingHistory", "ggd_nll", "ggd_variance",
-    "train_probvlm",
-    # active selection (SPEC 8)
-    "acquisition_scores", "Acquisition", "JointSamples", "select", "Selection", "nearest_neighbours", "Metric",
-    "update_posterior", "label_curvature",
-    # modules and build
-    "active", "ops", "probvlm", "reference", "evaluation", "capture", "backend",
-    "build_info", "has_extension", "__version__",
+    "BayesVLM", "ZeroShot", "ProbVLM", "train_probvlm",
+    "KronPosterior", "EmbeddingDistribution", "fit_factors", "kfac_factors", "cosine_moments", "predictive",
+    "accuracy", "nlpd", "ece", "ZeroShotClassifier", "topk", "build_index", "open_index", "search",
+    "active", "capture", "curvature", "distribution", "evaluation", "fit", "index", "kron", "moments", "ops",
+    "probvlm", "reference", "retrieval", "zeroshot",
+    "backend", "build_info", "has_extension", "__version__",
 ]

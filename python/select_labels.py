@@ -9,10 +9,10 @@
 SPEC.md section 8 on a user's model and files, with the loading, posterior and feature code of calibrate.py:
 the zero-shot classifier of the given classes (prompt templates averaged in feature space) under one
 KronPosterior per tower, fitted from image-caption pairs or loaded from a `bayesvlm-ext fit` / calibrate.py
-output directory; acquisition scores of every pool image (`bayesvlm_ext.acquisition_scores`: analytic variance
+output directory; acquisition scores of every pool image (`bayesvlm_ext.active.acquisition_scores`: analytic variance
 or probit entropy, or Monte Carlo aleatoric entropy, BALD or EPIG over joint weight samples of both towers, or
 random), optionally on a support set first (the k nearest pool images of each target image,
-`bayesvlm_ext.nearest_neighbours`); then a batch of `--budget` images (`bayesvlm_ext.select`: top scores,
+`bayesvlm_ext.active.nearest_neighbours`); then a batch of `--budget` images (`bayesvlm_ext.active.select`: top scores,
 class-balanced round robin over the predicted classes, or stochastic sampling). Writes one JSON line per
 selected image in selection order. Nothing is downloaded.
 """
@@ -36,7 +36,8 @@ import torch
 from torch import Tensor
 
 import bayesvlm_ext
-from bayesvlm_ext import Acquisition, JointSamples, KronPosterior, ZeroShotClassifier
+from bayesvlm_ext import KronPosterior, ZeroShotClassifier
+from bayesvlm_ext.active import Acquisition, JointSamples
 from bayesvlm_ext.demo import shapes
 from bayesvlm_ext.active import SAMPLED, Metric, Selection
 
@@ -255,8 +256,9 @@ def run(args: argparse.Namespace) -> dict:
             raise SystemExit(f"--support-k {args.support_k} is larger than the {len(pool_files)} readable pool images "
                              f"(skipped: {dict(skipped)})")
         image = posteriors["image"]
-        candidates, _ = bayesvlm_ext.nearest_neighbours(image.embed(phi, residual), image.embed(phi_t, residual_t),
-                                                        args.support_k, args.metric)
+        candidates, _ = bayesvlm_ext.active.nearest_neighbours(image.embed(phi, residual),
+                                                               image.embed(phi_t, residual_t), args.support_k,
+                                                               args.metric)
     if args.budget > len(candidates):
         raise SystemExit(f"--budget {args.budget} is larger than the {len(candidates)} images left to score "
                          f"({len(pool_files)} readable pool images, skipped: {dict(skipped) or 'none'}"
@@ -264,12 +266,12 @@ def run(args: argparse.Namespace) -> dict:
     generator = torch.Generator().manual_seed(args.seed)  # draws first, then random scores, then selection
     samples = JointSamples(classifier, args.samples, generator=generator) if method in SAMPLED else None
     epig = method is Acquisition.EPIG
-    scores = bayesvlm_ext.acquisition_scores(classifier, phi[candidates], method, samples=samples,
+    scores = bayesvlm_ext.active.acquisition_scores(classifier, phi[candidates], method, samples=samples,
                                              targets=phi_t if epig else None,
                                              pool_residual=rows(residual, candidates),
                                              target_residual=residual_t if epig else None, generator=generator)
     probability, predicted = classifier.predict(phi[candidates], rows(residual, candidates), link="probit").max(1)
-    picked = bayesvlm_ext.select(scores, args.budget, strategy=args.strategy, predicted=predicted,
+    picked = bayesvlm_ext.active.select(scores, args.budget, strategy=args.strategy, predicted=predicted,
                                  temperature=args.temperature, generator=generator)
     timings["scores_and_selection"] = time.perf_counter() - start
 
@@ -345,7 +347,7 @@ def recomputed_epig(args: argparse.Namespace, pool: list[str], targets: list[str
         posteriors["image"], posteriors["text"], text.reshape(shape), scale, bias, "sigmoid" if siglip else "softmax",
         None if text_residual is None else text_residual.reshape(shape))
     samples = JointSamples(classifier, args.samples, generator=torch.Generator().manual_seed(args.seed))
-    return bayesvlm_ext.acquisition_scores(classifier, phi, "epig", samples=samples, targets=phi_t,
+    return bayesvlm_ext.active.acquisition_scores(classifier, phi, "epig", samples=samples, targets=phi_t,
                                            pool_residual=residual, target_residual=residual_t)
 
 

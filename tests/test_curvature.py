@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from bayesvlm_ext import FactorAccumulator, kfac_factors, reference
+from bayesvlm_ext import kfac_factors, reference
+from bayesvlm_ext.curvature import FactorAccumulator
 
 LOGIT_SCALE, LOGIT_BIAS = math.log(20.0), -3.0
 

@@ -13,7 +13,8 @@ import torch
 from testing import devices, error_budget, spd
 
 import bayesvlm_ext
-from bayesvlm_ext import KronPosterior, _torch_impl, merge_topk, ops, topk
+from bayesvlm_ext import KronPosterior, _torch_impl, ops, topk
+from bayesvlm_ext.retrieval import merge_topk
 
 SCORES = ["mean", "pessimistic", "optimistic", "probit"]
 SCORE_CODE = {name: code for code, name in enumerate(SCORES)}

@@ -4,7 +4,8 @@ import pytest
 import scipy.stats
 import torch
 
-from bayesvlm_ext import ece, reliability
+from bayesvlm_ext import ece
+from bayesvlm_ext.predictive import reliability
 from bayesvlm_ext.evaluation import recall_at_k, spearman, uncertainty_recall
 
 

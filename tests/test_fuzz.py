@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 from testing import devices, dtypes, error_budget
 
 import bayesvlm_ext
-from bayesvlm_ext import EmbeddingDistribution, _torch_impl, cosine_moments, merge_topk, ops, topk
+from bayesvlm_ext import EmbeddingDistribution, _torch_impl, cosine_moments, ops, topk
+from bayesvlm_ext.retrieval import merge_topk
 from bayesvlm_ext.index import save_index, search
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,

@@ -13,8 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from testing import command_fails, devices, spd
 
-from bayesvlm_ext import EmbeddingDistribution, KronPosterior, build_index, merge_topk, open_index, ops, save_index, \
-    search, topk
+from bayesvlm_ext import EmbeddingDistribution, KronPosterior, build_index, open_index, ops, search, topk
+from bayesvlm_ext.index import save_index
+from bayesvlm_ext.retrieval import merge_topk
 from bayesvlm_ext.cli import main
 from bayesvlm_ext.index import IndexWriter
 from bayesvlm_ext.storage import open_safetensors

@@ -7,8 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bayesvlm_ext import (EmbeddingDistribution, KronPosterior, LossWeights, ProbVLM, build_index, open_index,
-                          save_index, search, topk, train_probvlm)
+from bayesvlm_ext import (EmbeddingDistribution, KronPosterior, ProbVLM, build_index, open_index, search, topk,
+                          train_probvlm)
+from bayesvlm_ext.index import save_index
+from bayesvlm_ext.probvlm import LossWeights
 from bayesvlm_ext.cli import main
 from test_probvlm import paired_embeddings
 from testing import command_fails

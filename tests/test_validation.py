@@ -7,8 +7,8 @@ import pytest
 import torch
 from testing import command_fails, spd
 
-from bayesvlm_ext import (EmbeddingDistribution, FactorAccumulator, KronPosterior, ZeroShotClassifier, cosine_moments,
-                          topk)
+from bayesvlm_ext import EmbeddingDistribution, KronPosterior, ZeroShotClassifier, cosine_moments, topk
+from bayesvlm_ext.curvature import FactorAccumulator
 from bayesvlm_ext.cli import main
 
 D, P = 4, 5

@@ -9,8 +9,8 @@ import pytest
 import torch
 from testing import tiny_hugging_face_configs, tiny_open_clip
 
-from bayesvlm_ext import (BayesVLM, KronPosterior, ZeroShotClassifier, cosine_moments, fit_factors, label_curvature,
-                          topk, update_posterior)
+from bayesvlm_ext import BayesVLM, KronPosterior, ZeroShotClassifier, cosine_moments, fit_factors, topk
+from bayesvlm_ext.active import label_curvature, update_posterior
 from bayesvlm_ext.capture import capture, find_projection
 from bayesvlm_ext.fit import unnormalised_encoder
 

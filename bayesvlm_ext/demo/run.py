@@ -43,6 +43,7 @@ from bayesvlm_ext import KronPosterior, ZeroShotClassifier, cosine_moments, eval
 from bayesvlm_ext.demo import default_model, shapes
 from bayesvlm_ext.capture import capture, find_projection
 from bayesvlm_ext.fit import unnormalised_encoder
+from bayesvlm_ext.predictive import reliability
 
 SEED = 0
 FIT_PAIRS = 8192  # in-domain pairs behind the curvature factors (one class batch)
@@ -149,7 +150,7 @@ def save_plots(out: str, zero_shot_probs: dict, labels: dict, retrieval_results:
     for ax, (domain, methods) in zip(axes[0], zero_shot_probs.items()):
         ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", label="perfect calibration")
         for method, probs in methods.items():
-            count, confidence, acc = bayesvlm_ext.reliability(probs, labels[domain], RELIABILITY_BINS)
+            count, confidence, acc = reliability(probs, labels[domain], RELIABILITY_BINS)
             occupied = count > 0
             ece = bayesvlm_ext.ece(probs, labels[domain])
             ax.plot(confidence[occupied], acc[occupied], marker="o", label=f"{method} (ECE {ece:.3f})")
@@ -262,16 +263,17 @@ def _active_learning(posteriors: dict[str, KronPosterior], classifier: ZeroShotC
             for total in AL_LABELS:
                 clf = ZeroShotClassifier(image, text, classifier.class_features, logit_scale)
                 candidates = (~labelled).nonzero().squeeze(1)
-                samples = (bayesvlm_ext.JointSamples(clf, AL_WEIGHT_SAMPLES, generator=generator)
+                samples = (bayesvlm_ext.active.JointSamples(clf, AL_WEIGHT_SAMPLES, generator=generator)
                            if method in ("epig", "bald") else None)
-                scores = bayesvlm_ext.acquisition_scores(clf, phi_pool[candidates], method, samples=samples,
+                scores = bayesvlm_ext.active.acquisition_scores(clf, phi_pool[candidates], method, samples=samples,
                                                          targets=targets, generator=generator)
-                picked = candidates[bayesvlm_ext.select(scores, total - int(labelled.sum()))]
+                picked = candidates[bayesvlm_ext.active.select(scores, total - int(labelled.sum()))]
                 labelled[picked] = True
                 weight = finetune_projection(posteriors["image"], phi_pool[labelled], pool.shape[labelled],
                                              class_embeddings, scale)
-                curvature = bayesvlm_ext.label_curvature(clf, phi_pool[picked])
-                image = bayesvlm_ext.update_posterior(image, phi_pool[picked], curvature, num_data, weight=weight)
+                curvature = bayesvlm_ext.active.label_curvature(clf, phi_pool[picked])
+                image = bayesvlm_ext.active.update_posterior(image, phi_pool[picked], curvature, num_data,
+                                                             weight=weight)
                 num_data += len(picked)
                 accuracies.append(test_accuracy(weight))
             per_seed[method].append(accuracies)
@@ -395,7 +397,8 @@ def main(argv: list[str] | None = None) -> dict:
     timings["active_learning"] = time.perf_counter() - start
     print(f"\nactive learning on the shifted domain: accuracy on {AL_TEST} test images against the number of "
           f"labels (mean +- std over {AL_SEEDS} seeds; pools of {AL_POOL}; top-scoring batches; the image "
-          f"projection fine-tuned on the labels under the fitted posterior as prior; {timings['active_learning']:.1f} s):")
+          "projection fine-tuned on the labels under the fitted posterior as prior; "
+          f"{timings['active_learning']:.1f} s):")
     print(f"{'labels':>6} " + " ".join(f"{method:>15}" for method in active))
     for row in range(len(AL_LABELS) + 1):
         print(f"{active[AL_METHODS[0]][row][0]:>6} " + " ".join(
