@@ -22,14 +22,15 @@ The building blocks it composes:
   ZeroShotClassifier       class embeddings from template features [C, T, P] (SPEC 5)
   topk              the k best of a gallery per query: values, indices, mean, var [N, k], streamed (SPEC 7)
   build_index, open_index, search   a gallery's statistics on disk in memory-mapped shards, searched (SPEC 7)
-Modules for the rest: active (selection and online update, SPEC 8), capture (projection sites), curvature,
-distribution, evaluation (retrieval metrics), fit, index, kron (decomposed Kronecker precision), moments,
-ops (the compiled ops), predictive, probvlm, reference (published naive baselines), retrieval, zeroshot.
+Modules for the rest: active (selection and online update, SPEC 8), capture (projection sites), covariance
+(the three covariance forms), curvature, distribution, evaluation (retrieval metrics), fit, index, kron
+(decomposed Kronecker precision), moments, ops (the compiled ops), predictive, probvlm, reference (published
+naive baselines), retrieval, zeroshot.
 Enumerations (damping, likelihood, variant, score, link, ...) are accepted as their strings everywhere.
 """
 
-from . import (active, capture, curvature, distribution, evaluation, fit, index, kron, moments, ops, probvlm,
-               reference, retrieval, zeroshot)
+from . import (active, capture, covariance, curvature, distribution, evaluation, fit, index, kron, moments, ops,
+               probvlm, reference, retrieval, zeroshot)
 from ._extension import backend, build_info, has_extension
 from .curvature import kfac_factors
 from .distribution import EmbeddingDistribution
@@ -49,7 +50,7 @@ __all__ = [
     "BayesVLM", "ZeroShot", "ProbVLM", "train_probvlm",
     "KronPosterior", "EmbeddingDistribution", "fit_factors", "kfac_factors", "cosine_moments", "predictive",
     "accuracy", "nlpd", "ece", "ZeroShotClassifier", "topk", "build_index", "open_index", "search",
-    "active", "capture", "curvature", "distribution", "evaluation", "fit", "index", "kron", "moments", "ops",
-    "probvlm", "reference", "retrieval", "zeroshot",
+    "active", "capture", "covariance", "curvature", "distribution", "evaluation", "fit", "index", "kron", "moments",
+    "ops", "probvlm", "reference", "retrieval", "zeroshot",
     "backend", "build_info", "has_extension", "__version__",
 ]

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from . import ops
 from ._validation import accumulation_dtype, check_finite_scalar, check_logit_scale, parse_enum
-from .distribution import CovarianceForm, EmbeddingDistribution
+from .covariance import CovarianceForm
+from .distribution import EmbeddingDistribution
 
 
 class Variant(str, Enum):

@@ -8,6 +8,10 @@ samples) is algebra on the precision's grid of eigenvalues there.
 Degenerate input is an error naming what is wrong, never a silent NaN: non-finite factors, weights or features
 (the rows named), a factor with negative eigenvalues beyond round-off (kron.CLAMP_RTOL, raised on first use),
 features whose statistics overflow their dtype, evidence without a finite optimum, and damaged files.
+
+Over 400 lines for one reason: it is one class whose methods share its invariants (validated, symmetrised
+factors; caches cleared when lam or n change). Its algebra is in kron.py, the saved-file helpers in
+storage.py and the published format in published.py.
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ from dataclasses import asdict
 import torch
 from torch import Tensor
 
-from . import ops
+from . import ops, published
 from .storage import read_config, read_header, read_tensors, saved_files, write_saved
-from ._validation import (FLOAT_DTYPES, accumulation_dtype, check_finite, check_finite_rows, check_positive_scalar,
+from ._validation import (accumulation_dtype, check_finite, check_finite_rows, check_positive_scalar,
                           check_same_device, check_shape, check_symmetric_factor, check_tensor, describe_rows,
                           parse_enum)
-from .distribution import EigenCovariance, EmbeddingDistribution, KronCovariance
+from .covariance import EigenCovariance, KronCovariance
+from .distribution import EmbeddingDistribution
 from .kron import Damping, FactorReport, KronDecomposed
 
 logger = logging.getLogger("bayesvlm_ext")
@@ -34,6 +39,8 @@ SAVE_FORMAT = "bayesvlm_ext.KronPosterior"
 SAVE_VERSION = 1
 TENSORS_FILE = "posterior.safetensors"
 CONFIG_FILE = "posterior.json"
+
+
 class KronPosterior:
     """Gaussian posterior over W (D x P, plus a bias column when there is a bias) of one tower.
 
@@ -406,33 +413,14 @@ class KronPosterior:
         """Load one tower from the published factor directory (SPEC.md section 10).
 
         Reads `A_<tower>_analytic.pt`, `B_<tower>_analytic.pt` (with weights_only=True, so nothing but
-        tensors is unpickled; CUDA-saved factors load on CPU) and lam, n from `prior_precision_analytic.json`.
+        tensors is unpickled; CUDA-saved factors load on CPU) and lam, n from `prior_precision_analytic.json`
+        (`published.read_tower`: every damaged or mismatched file is a ValueError naming it).
         """
-        if tower not in ("img", "txt"):
-            raise ValueError(f"argument 'tower' must be 'img' or 'txt', got {tower!r}")
         check_tensor("weight", weight, dim=2)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"factor directory {path} does not exist")
-        files = {name: os.path.join(path, f"{name}_{tower}_analytic.pt") for name in ("A", "B")}
-        json_file = os.path.join(path, "prior_precision_analytic.json")
-        for file in (*files.values(), json_file):
-            if not os.path.isfile(file):
-                raise FileNotFoundError(f"factor directory {path}: missing file {os.path.basename(file)}")
-        hyper = _read_hyperparameters(json_file, tower)  # the small file first: a damaged one fails before any load
         D, P = weight.shape
-        expected = {"A": P + (bias is not None), "B": D}
-        factors = {}
-        for name, file in files.items():
-            factor = _load_factor(file, map_location)
-            size = expected[name]
-            if tuple(factor.shape) != (size, size):
-                raise ValueError(f"{file} has shape {tuple(factor.shape)}; weight [D, P] = {(D, P)} "
-                                 f"{'with' if bias is not None else 'without'} bias needs ({size}, {size})")
-            if not bool(torch.isfinite(factor).all()):
-                raise ValueError(f"{file} contains NaN or Inf")
-            factors[name] = factor.to(weight.device)
-        return cls(factors["A"], factors["B"], weight, bias, prior_precision=hyper[f"lambda_{tower}"],
-                   pseudo_count=hyper[f"n_{tower}"], damping=damping)
+        A, B, prior_precision, pseudo_count = published.read_tower(path, tower, (D, P), bias is not None, map_location)
+        return cls(A.to(weight.device), B.to(weight.device), weight, bias, prior_precision=prior_precision,
+                   pseudo_count=pseudo_count, damping=damping)
 
 
 def _check_no_overflow(
@@ -455,36 +443,6 @@ def _check_no_overflow(
         raise ValueError(f"argument 'phi' (with 'residual', if given) overflows {str(dtype).removeprefix('torch.')} "
                          f"in {describe_rows(bad.nonzero().flatten())}: alpha = phi^T A_d^-1 phi (or k) or ||mean||^2 "
                          f"is not finite; {advice}")
-
-
-def _load_factor(file: str, map_location: torch.device | str) -> Tensor:
-    """The tensor in a published `.pt` factor file, on `map_location`; ValueError naming the file when it is damaged,
-    holds anything but one floating tensor, or would need arbitrary objects unpickled (SPEC.md section 10)."""
-    try:
-        factor = torch.load(file, map_location=map_location, weights_only=True)
-    except MemoryError:
-        raise
-    except Exception as error:  # a damaged file surfaces as RuntimeError, OSError, EOFError, UnpicklingError, ...
-        reason = (str(error).strip().splitlines() or [""])[0]
-        raise ValueError(f"{file} is not a readable tensor file ({type(error).__name__}: {reason})") from error
-    if not isinstance(factor, Tensor):
-        raise ValueError(f"{file} must hold one tensor, got {type(factor).__name__}")
-    if factor.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{file} holds a {factor.dtype} tensor; expected a floating factor")
-    return factor
-
-
-def _read_hyperparameters(json_file: str, tower: str) -> dict[str, float]:
-    """lambda_<tower> and n_<tower> from prior_precision_analytic.json: positive finite numbers, or a ValueError
-    naming the file and the key."""
-    hyper = read_config(json_file, "KronPosterior.from_bayesvlm_dir")
-    for key in (f"lambda_{tower}", f"n_{tower}"):
-        if key not in hyper:
-            raise ValueError(f"{json_file} lacks the key '{key}'")
-        value = hyper[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{json_file} has '{key}' {value!r}; expected a positive finite number")
-    return hyper
 
 
 def _symmetrised(x: Tensor) -> Tensor:

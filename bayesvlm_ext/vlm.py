@@ -31,7 +31,8 @@ import os
 import torch
 from torch import Tensor, nn
 
-from ._files import output_directory, replacing, write_json
+from . import published
+from ._files import output_directory, write_json
 from .storage import read_config
 from ._validation import check_finite_scalar, check_logit_scale, check_tensor, parse_enum
 from .active import label_curvature, update_posterior
@@ -161,25 +162,18 @@ class BayesVLM:
         """The files `save` writes, relative to its directory (so that a command can check them before any work)."""
         from .posterior import CONFIG_FILE as POSTERIOR_CONFIG, TENSORS_FILE as POSTERIOR_TENSORS
 
-        files = [CONFIG_FILE, f"{PUBLISHED_FOLDER}/prior_precision_analytic.json"]
-        files += [f"{PUBLISHED_FOLDER}/{name}_{short}_analytic.pt" for name in "AB" for short in _SHORT.values()]
+        files = [CONFIG_FILE] + [f"{PUBLISHED_FOLDER}/{name}" for name in published.files()]
         return files + [f"posterior_{tower}/{name}" for tower in TOWERS
                         for name in (POSTERIOR_TENSORS, POSTERIOR_CONFIG)]
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the directory `bayesvlm-ext fit` writes (module docstring); every file written aside and renamed."""
         path = output_directory(path, "argument 'path'")
-        hyper = {}
         for tower in TOWERS:
-            posterior = self.posteriors[tower]
-            posterior.save(os.path.join(path, f"posterior_{tower}"))
-            short = _SHORT[tower]
-            for name, factor in (("A", posterior.A), ("B", posterior.B)):
-                with replacing(os.path.join(path, PUBLISHED_FOLDER, f"{name}_{short}_analytic.pt"), "argument 'path'") \
-                        as temporary:
-                    torch.save(factor.float().cpu().contiguous(), temporary)
-            hyper[f"lambda_{short}"], hyper[f"n_{short}"] = posterior.prior_precision, posterior.pseudo_count
-        write_json(os.path.join(path, PUBLISHED_FOLDER, "prior_precision_analytic.json"), hyper, "argument 'path'")
+            self.posteriors[tower].save(os.path.join(path, f"posterior_{tower}"))
+        published.write(output_directory(os.path.join(path, PUBLISHED_FOLDER), "argument 'path'"),
+                        {_SHORT[tower]: (p.A, p.B, p.prior_precision, p.pseudo_count)
+                         for tower, p in self.posteriors.items()})
         write_json(os.path.join(path, CONFIG_FILE), {
             "format": SAVE_FORMAT, "version": SAVE_VERSION, "logit_scale": self.logit_scale,
             "logit_bias": self.logit_bias, "likelihood": self.likelihood.value, "num_data": self.num_data},

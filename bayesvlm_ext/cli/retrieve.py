@@ -15,7 +15,8 @@ import torch
 from .._files import atomic_open, output_file
 from .._validation import accumulation_dtype
 from ..distributed import all_ranks, gather_topk, rank0_name
-from ..distribution import CovarianceForm, EmbeddingDistribution
+from ..covariance import CovarianceForm
+from ..distribution import EmbeddingDistribution
 from ..index import RetrievalIndex, first_non_finite_row, open_index, search
 from ..posterior import KronPosterior
 from ..probvlm import DEFAULT_EMBED_OPTIONS, ProbVLMAdapter

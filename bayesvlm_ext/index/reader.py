@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from .._validation import accumulation_dtype
-from ..distribution import COVARIANCE_TYPES, CovarianceForm, EmbeddingDistribution
+from ..covariance import COVARIANCE_TYPES, CovarianceForm
+from ..distribution import EmbeddingDistribution
 from ..retrieval import Score, merge_topk, topk
 from ..storage import MappedSafetensors
 from .layout import (DTYPE_NAMES, FORMAT, GENERATION_PATTERN, IDS_JSON_FILE, IDS_TENSOR_FILE, MANIFEST_FILE,
