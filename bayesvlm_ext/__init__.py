@@ -6,7 +6,8 @@ gallery items), C classes, P features entering a projection, D the embedding siz
 The object around a model:
   BayesVLM          both towers' KronPosteriors + logit scale/bias + the wrapped model: fit, from_published,
                     save/load, encode_image(pixels [N, 3, H, W]) / encode_text(tokens [M, L]) -> [N, D] / [M, D]
-                    EmbeddingDistribution, logits -> (mean, var) [N, M], zero_shot, topk -> 4 x [N, k], update
+                    EmbeddingDistribution, logits -> (mean, var) [N, M], zero_shot, topk -> 4 x [N, k], update,
+                    tune(held-out pixels, labels [N] or tokens [N, L]): n by held-out NLPD, lambda by the evidence
   ZeroShot          BayesVLM.zero_shot(class_tokens [C, L] or [C, T, L]): predict(pixels) -> [N, C] probabilities
   ProbVLM           the second method (SPEC 9): two adapters over frozen embeddings [N, D]; same logits / topk
   train_probvlm     ProbVLM from paired embeddings image, text [N, D] -> (ProbVLM, TrainingHistory)
@@ -25,12 +26,12 @@ The building blocks it composes:
 Modules for the rest: active (selection and online update, SPEC 8), capture (projection sites), covariance
 (the three covariance forms), curvature, distribution, evaluation (retrieval metrics), fit, index, kron
 (decomposed Kronecker precision), moments, ops (the compiled ops), predictive, probvlm, reference (published
-naive baselines), retrieval, zeroshot.
+naive baselines), retrieval, tuning (the pseudo-count on held-out data, SPEC 2), zeroshot.
 Enumerations (damping, likelihood, variant, score, link, ...) are accepted as their strings everywhere.
 """
 
 from . import (active, capture, covariance, curvature, distribution, evaluation, fit, index, kron, moments, ops,
-               probvlm, reference, retrieval, zeroshot)
+               probvlm, reference, retrieval, tuning, zeroshot)
 from ._extension import backend, build_info, has_extension
 from .curvature import kfac_factors
 from .distribution import EmbeddingDistribution
@@ -41,8 +42,8 @@ from .posterior import KronPosterior
 from .predictive import accuracy, ece, nlpd, predictive
 from .probvlm import ProbVLM, train_probvlm
 from .retrieval import topk
-from .vlm import BayesVLM, ZeroShot
-from .zeroshot import ZeroShotClassifier
+from .vlm import BayesVLM
+from .zeroshot import ZeroShot, ZeroShotClassifier
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,6 @@ __all__ = [
     "KronPosterior", "EmbeddingDistribution", "fit_factors", "kfac_factors", "cosine_moments", "predictive",
     "accuracy", "nlpd", "ece", "ZeroShotClassifier", "topk", "build_index", "open_index", "search",
     "active", "capture", "covariance", "curvature", "distribution", "evaluation", "fit", "index", "kron", "moments",
-    "ops", "probvlm", "reference", "retrieval", "zeroshot",
+    "ops", "probvlm", "reference", "retrieval", "tuning", "zeroshot",
     "backend", "build_info", "has_extension", "__version__",
 ]

@@ -9,6 +9,7 @@
     clf = vlm.zero_shot(class_tokens);  clf.predict(pixels) # [N, C] probabilities (SPEC 5)
     vals, idx, mean, var = vlm.topk(txt, img, k=10, score="probit")   # SPEC 7
     vlm.update(labelled_pixels, clf)                        # online update of the image tower (SPEC 8)
+    vlm.tune(val_pixels, val_labels, clf)                   # SPEC 2: n on held-out data, lambda by the evidence
 
 It holds the two `KronPosterior`s, the logit scale and bias, the likelihood, the number of pairs the
 factors were fitted on (which the online update needs) and, optionally, the model itself: with the model,
@@ -27,6 +28,7 @@ code) and `bayesvlm.json` (logit scale and bias, likelihood, number of pairs).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +45,8 @@ from .fit import TOWERS, fit_factors, model_logit_params, unnormalised_encoder
 from .moments import MomentsOutput, Variant, cosine_moments
 from .posterior import Damping, KronPosterior
 from .retrieval import Score, topk
-from .zeroshot import ZeroShotClassifier
+from .tuning import DEFAULT_GRID, PseudoCountSearch, tune_pseudo_count
+from .zeroshot import ZeroShot, ZeroShotClassifier
 
 __all__ = ["BayesVLM", "ZeroShot"]
 
@@ -355,50 +358,72 @@ class BayesVLM:
         self.posteriors["image"] = update_posterior(self.image, features, curvature, self.num_data)
         self.num_data += features.shape[0]
 
+    def tune(
+        self,
+        pixels: Tensor,  # [N, 3, H, W] held-out images (not the test set)
+        targets: Tensor,  # [N] labels over `classifier`'s classes, or [N, L] tokens of the images' own captions
+        classifier: "ZeroShot | None" = None,  # the zero-shot task the labels belong to; None: caption matching
+        *,
+        grid: Sequence[float] = DEFAULT_GRID,  # pseudo-counts n, shared by both towers
+        link: str = "probit",
+        progress: bool = True,
+    ) -> PseudoCountSearch:
+        """Chooses the pseudo-count n on held-out data and lambda by the evidence at it (SPEC.md section 2).
+
+        Each n of `grid` is scored by the NLPD of the predictive on the held-out images: their labels under
+        `classifier`, or, without one, which of the N held-out captions is each image's own (the fit's
+        matching task). Both posteriors end at the best n (the search's table is returned); ZeroShot
+        classifiers made earlier follow. The model runs forward once on `pixels` (and `targets` tokens)."""
+        captured = self.capture("image", pixels)
+        if classifier is not None:
+            if not isinstance(classifier, ZeroShot) or classifier.vlm is not self:
+                raise ValueError("argument 'classifier' must be a ZeroShot made by this BayesVLM's zero_shot")
+            check_tensor("targets", targets, dim=1, floating=False)
+            inner = classifier.classifier
+            labels, class_features, class_residual = targets, inner.class_features, inner.class_residual
+        else:
+            check_tensor("targets", targets, dim=2, floating=False)
+            if targets.shape[0] != captured.features.shape[0]:
+                raise ValueError(f"argument 'targets' must hold one caption per image ({captured.features.shape[0]}), "
+                                 f"got {targets.shape[0]}")
+            text = self.capture("text", targets)
+            labels = torch.arange(targets.shape[0])
+            class_features, class_residual = text.features, text.residual
+        search = self.tune_features(captured.features, labels, class_features, image_residual=captured.residual,
+                                    class_residual=class_residual, grid=grid, link=link, progress=progress)
+        search.extra["task"] = "zero-shot" if classifier is not None else "caption matching"
+        return search
+
+    def tune_features(
+        self,
+        image_features: Tensor,  # [N, P_img] held-out images' captured features
+        labels: Tensor,  # [N] int64 in [0, C)
+        class_features: Tensor,  # [C, P_txt] the classes' (or the held-out captions') text features
+        *,
+        image_residual: Tensor | None = None,  # [N, D]
+        class_residual: Tensor | None = None,  # [C, D]
+        grid: Sequence[float] = DEFAULT_GRID,
+        link: str = "probit",
+        progress: bool = True,
+    ) -> PseudoCountSearch:
+        """`tune` from captured features (no model needed): `tuning.tune_pseudo_count` under this BayesVLM's
+        logit scale, bias and likelihood."""
+        def on(device, t):
+            return None if t is None else t.to(device)
+        search = tune_pseudo_count(self.image, self.text, on(self.image.device, image_features),
+                                   on(self.image.device, labels), on(self.text.device, class_features),
+                                   self.logit_scale, self.logit_bias, _ZERO_SHOT_LIKELIHOOD[self.likelihood],
+                                   image_residual=on(self.image.device, image_residual),
+                                   class_residual=on(self.text.device, class_residual), grid=grid, link=link,
+                                   progress=progress)
+        search.extra["held_out"] = int(image_features.shape[0])
+        return search
+
     def __repr__(self) -> str:
         return (f"BayesVLM(D={self.dim}, image P={self.image.in_features}, text P={self.text.in_features}, "
                 f"damping={self.image.damping.value!r}, likelihood={self.likelihood.value!r}, "
                 f"logit_scale={self.logit_scale:.4g}, logit_bias={self.logit_bias:.4g}, num_data={self.num_data}, "
                 f"model={type(self.model).__name__ if self.model is not None else None})")
-
-
-class ZeroShot:
-    """A BayesVLM's zero-shot classifier over C classes, on pixels (`ZeroShotClassifier` works on features).
-
-    `classifier` is the underlying ZeroShotClassifier (class embeddings, likelihood); the image side always
-    uses the BayesVLM's current image posterior, so it follows `BayesVLM.update`.
-    """
-
-    def __init__(self, vlm: BayesVLM, classifier: ZeroShotClassifier):
-        self.vlm, self.classifier = vlm, classifier
-
-    @property
-    def num_classes(self) -> int:
-        return self.classifier.num_classes
-
-    def logits(
-        self,
-        pixels: Tensor,  # [N, 3, H, W]
-    ) -> tuple[Tensor, Tensor]:  # mean [N, C], var [N, C]
-        """Every image's logit moments for every class (SPEC.md section 4)."""
-        return self.vlm.logits(self.vlm.encode_image(pixels), self.classifier.classes)
-
-    def predict(
-        self,
-        pixels: Tensor,  # [N, 3, H, W]
-        link: str = "probit",  # "probit" or "mc"
-        num_samples: int = 1000,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:  # [N, C] probabilities (rows sum to 1 for CLIP's softmax)
-        """Predictive probabilities (SPEC.md section 5)."""
-        return self.classifier.probabilities(*self.logits(pixels), link, num_samples, generator)
-
-    def map_probabilities(
-        self,
-        pixels: Tensor,  # [N, 3, H, W]
-    ) -> Tensor:  # [N, C] the deterministic model's probabilities
-        """The model without uncertainty: softmax (or sigmoid) of s cos + beta of its own embeddings."""
-        return self.classifier.map_probabilities_of(self.vlm.capture("image", pixels).embeddings)
 
 
 def default_likelihood(model: nn.Module) -> Likelihood:

@@ -16,12 +16,14 @@ dropped: cosines do not see it.)
 `ZeroShotClassifier` embeds the class features once (with the statistics the fused kernels need),
 then turns image features into logit moments and probabilities: softmax with the probit
 approximation or Monte Carlo for CLIP (likelihood "softmax"), elementwise sigmoids for SigLIP
-("sigmoid", logit bias kept), and the deterministic MAP probabilities for comparison.
+("sigmoid", logit bias kept), and the deterministic MAP probabilities for comparison. `ZeroShot` is the
+same on pixels, made by `BayesVLM.zero_shot`, and follows the BayesVLM's posteriors as they change.
 """
 
 from __future__ import annotations
 
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -31,7 +33,10 @@ from .moments import cosine_moments
 from .posterior import KronPosterior
 from .predictive import predictive
 
-__all__ = ["ZeroShotClassifier", "template_average", "ZeroShotLikelihood"]
+if TYPE_CHECKING:  # vlm.py imports this module: BayesVLM is only named in annotations here
+    from .vlm import BayesVLM
+
+__all__ = ["ZeroShotClassifier", "ZeroShot", "template_average", "ZeroShotLikelihood"]
 
 
 class ZeroShotLikelihood(str, Enum):
@@ -181,3 +186,59 @@ class ZeroShotClassifier:
         scale = float(torch.as_tensor(self.logit_scale).exp())
         logits = scale * x @ y.T + float(self.logit_bias)
         return torch.softmax(logits, 1) if self.likelihood is ZeroShotLikelihood.SOFTMAX else torch.sigmoid(logits)
+
+
+class ZeroShot:
+    """A BayesVLM's zero-shot classifier over C classes, on pixels (`ZeroShotClassifier` works on features).
+
+    `classifier` is the underlying ZeroShotClassifier (class embeddings, likelihood); the image side always
+    uses the BayesVLM's current image posterior, so it follows `BayesVLM.update`.
+    """
+
+    def __init__(self, vlm: "BayesVLM", classifier: ZeroShotClassifier):
+        self.vlm, self._classifier = vlm, classifier
+        self._made_for = self._posteriors_now()
+
+    def _posteriors_now(self) -> tuple:
+        """What the class embeddings depend on: both posteriors (by identity) and their n and lambda."""
+        return tuple((id(p), p.pseudo_count, p.prior_precision) for p in (self.vlm.image, self.vlm.text))
+
+    @property
+    def classifier(self) -> ZeroShotClassifier:
+        """The classifier over the BayesVLM's current posteriors: rebuilt from the same class features when
+        `BayesVLM.update` replaced a posterior or `BayesVLM.tune` changed n or lambda since it was made."""
+        now = self._posteriors_now()
+        if now != self._made_for:
+            old = self._classifier
+            self._classifier = ZeroShotClassifier(self.vlm.image, self.vlm.text, old.class_features, old.logit_scale,
+                                                  old.logit_bias, old.likelihood, old.class_residual)
+            self._made_for = now
+        return self._classifier
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.num_classes
+
+    def logits(
+        self,
+        pixels: Tensor,  # [N, 3, H, W]
+    ) -> tuple[Tensor, Tensor]:  # mean [N, C], var [N, C]
+        """Every image's logit moments for every class (SPEC.md section 4)."""
+        return self.vlm.logits(self.vlm.encode_image(pixels), self.classifier.classes)
+
+    def predict(
+        self,
+        pixels: Tensor,  # [N, 3, H, W]
+        link: str = "probit",  # "probit" or "mc"
+        num_samples: int = 1000,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:  # [N, C] probabilities (rows sum to 1 for CLIP's softmax)
+        """Predictive probabilities (SPEC.md section 5)."""
+        return self.classifier.probabilities(*self.logits(pixels), link, num_samples, generator)
+
+    def map_probabilities(
+        self,
+        pixels: Tensor,  # [N, 3, H, W]
+    ) -> Tensor:  # [N, C] the deterministic model's probabilities
+        """The model without uncertainty: softmax (or sigmoid) of s cos + beta of its own embeddings."""
+        return self.classifier.map_probabilities_of(self.vlm.capture("image", pixels).embeddings)

@@ -289,3 +289,35 @@ def test_a_pair_whose_preprocessing_or_tokenising_fails_is_skipped_with_its_line
     assert dataset.skipped == {"unreadable image": 1, "unusable caption": 1}
     assert reports == [f"line 3: image {tmp_path / '2.png'}: cannot be read (RuntimeError: cannot resize); skipped",
                        "line 4: caption cannot be tokenised (UnicodeError: bad text); skipped"]
+
+
+def test_fit_command_chooses_the_pseudo_count_on_held_out_pairs(tmp_path, capsys):
+    from bayesvlm_ext.tuning import DEFAULT_GRID
+
+    folder, held_out = str(tmp_path / "fit"), str(tmp_path / "val")
+    os.makedirs(folder)
+    os.makedirs(held_out)
+    val = write_good_pairs(held_out, bad_line=json.dumps({"image": "absent.png", "caption": "gone"}).encode())
+    status, summary, posteriors = tiny_fit(folder, write_good_pairs(folder), "--val", val)
+    assert status == 0
+    tuning = summary["tuning"]
+    assert tuning["pseudo_counts"] == list(DEFAULT_GRID) and len(tuning["nlpd"]) == len(DEFAULT_GRID)
+    assert tuning["held_out"] == GOOD_PAIRS and tuning["skipped"] == {"missing image": 1}
+    best = tuning["best"]
+    assert tuning["nlpd"][best] == min(tuning["nlpd"]) and summary["pseudo_count"] == DEFAULT_GRID[best]
+    for tower, posterior in posteriors.items():
+        assert posterior.pseudo_count == DEFAULT_GRID[best]
+        assert posterior.prior_precision == tuning["prior_precisions"][tower][best]
+        assert summary["towers"][tower]["prior_precision"] == posterior.prior_precision
+    assert "<- chosen" in capsys.readouterr().out
+
+
+def test_fit_command_refuses_a_pseudo_count_beside_val(tmp_path, capsys):
+    from testing import command_fails
+
+    pairs = write_good_pairs(str(tmp_path))
+    command_fails(main, capsys, ["fit", "--model", "ViT-B-32", "--pairs", pairs, "--out", str(tmp_path / "o"),
+                                 "--val", pairs, "--pseudo-count", "2"], "--pseudo-count and --val exclude each other",
+                  status=2)
+    command_fails(main, capsys, ["fit", "--model", "ViT-B-32", "--pairs", pairs, "--out", str(tmp_path / "o"),
+                                 "--val", str(tmp_path / "none.jsonl")], "--val", status=2)

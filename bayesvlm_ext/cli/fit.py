@@ -30,8 +30,12 @@ def add_parser(commands) -> argparse.ArgumentParser:
     fit.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     fit.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     fit.add_argument("--damping", choices=["kron", "exact"], default="kron")
-    fit.add_argument("--pseudo-count", type=float, default=1.0,
-                     help="n of SPEC.md section 2, tempering the curvature; lambda is tuned at this n")
+    fit.add_argument("--pseudo-count", type=float, default=None,
+                     help="n of SPEC.md section 2, tempering the curvature (default 1); lambda is tuned at this n")
+    fit.add_argument("--val", default=None,
+                     help="JSONL of held-out image-caption pairs: choose n on it instead (SPEC.md section 2; each n "
+                          "of a log grid with lambda by the evidence, scored by the NLPD of matching each held-out "
+                          "image to its caption among all held-out captions)")
     fit.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     fit.add_argument("--precision", default="fp32", help="open_clip precision, e.g. fp32, bf16")
     fit.add_argument("--resume", action="store_true", help="checkpoint to DIR/checkpoint.pt and resume from it (only "
@@ -48,10 +52,15 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     check_at_least_one(parser, args, ("class_batch_size", "batch_size"))
     if args.workers < 0:
         parser.error(f"--workers must be at least 0 (0: load in the main process), got {args.workers}")
+    if args.pseudo_count is not None and args.val is not None:
+        parser.error("--pseudo-count and --val exclude each other: --val chooses the pseudo-count")
+    if args.pseudo_count is None:
+        args.pseudo_count = 1.0
     if not args.pseudo_count > 0 or args.pseudo_count == float("inf"):
         parser.error(f"--pseudo-count must be a positive finite number, got {args.pseudo_count}")
-    if not os.path.isfile(args.pairs):
-        parser.error(f"--pairs {args.pairs}: no such file")
+    for option, path in (("--pairs", args.pairs), ("--val", args.val)):
+        if path is not None and not os.path.isfile(path):
+            parser.error(f"{option} {path}: no such file")
     check_output_directory(parser, args.out, ["summary.json", *BayesVLM.saved_files()])
     return fit_command(args)
 
@@ -119,9 +128,16 @@ def _fit(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     if rank != 0:
         return 0
 
+    search = None
+    if args.val is not None:  # rank 0 alone: the search needs no collective
+        search = _tune_on_held_out_pairs(args, vlm, preprocess, tokenizer, say)
+        if search is None:
+            return 1
     likelihood = vlm.likelihood.value
     summary = {"pairs": vlm.num_data, "skipped": dict(skipped), "seconds": elapsed, "likelihood": likelihood,
-               "processes": world, "pseudo_count": args.pseudo_count, "towers": {}}
+               "processes": world, "pseudo_count": vlm.image.pseudo_count, "towers": {}}
+    if search is not None:
+        summary["tuning"] = search.as_dict()
     for tower, posterior in vlm.posteriors.items():
         report = posterior.factor_report
         summary["towers"][tower] = {"A_eigenvalues": [report["A"].min_eigenvalue, report["A"].max_eigenvalue],
@@ -135,5 +151,36 @@ def _fit(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
         print(f"  {tower:5s}  A eigenvalues [{info['A_eigenvalues'][0]:.3g}, {info['A_eigenvalues'][1]:.3g}]  "
               f"B eigenvalues [{info['B_eigenvalues'][0]:.3g}, {info['B_eigenvalues'][1]:.3g}]  "
               f"lambda {info['prior_precision']:.4g}")
+    if search is not None:
+        print(f"pseudo-count n chosen on {search.extra['held_out']} held-out pairs ({args.val}): held-out NLPD per n")
+        for i, (n, score) in enumerate(zip(search.pseudo_counts, search.nlpd)):
+            print(f"  n {n:<8.3g} NLPD {score:.4f}{'  <- chosen' if i == search.best else ''}")
     print(f"wrote {args.out}/posterior_image, {args.out}/posterior_text, {args.out}/bayesvlm/")
     return 0
+
+
+def _tune_on_held_out_pairs(args: argparse.Namespace, vlm: BayesVLM, preprocess, tokenizer, say):
+    """Captures the held-out pairs' features batch by batch and runs `BayesVLM.tune_features` on the matching
+    task (labels 0..N-1: each image's own caption); None after an error message when no pair is usable."""
+    from tqdm.auto import tqdm
+
+    held_out = PairsDataset(args.val, preprocess, tokenizer, report=lambda message: say(f"--val: {message}",
+                                                                                         file=sys.stderr))
+    skipped = held_out.skipped
+    loader = torch.utils.data.DataLoader(held_out, batch_size=args.batch_size, num_workers=args.workers,
+                                         collate_fn=list)
+    parts = {"image": [], "text": []}
+    for pixels, tokens in SkippingLoader(loader, skipped, lambda m: tqdm.write(f"--val: {m}", file=sys.stderr)):
+        for tower, inputs in (("image", pixels), ("text", tokens)):
+            captured = vlm.capture(tower, inputs)
+            parts[tower].append((captured.features, captured.residual))
+    if not parts["image"]:
+        say(f"error: no usable pairs in --val {args.val} (skipped: {dict(skipped)})", file=sys.stderr)
+        return None
+    joined = {tower: (torch.cat([f for f, _ in batches]), None if batches[0][1] is None else
+                      torch.cat([r for _, r in batches])) for tower, batches in parts.items()}
+    (image, image_residual), (text, text_residual) = joined["image"], joined["text"]
+    search = vlm.tune_features(image, torch.arange(image.shape[0]), text, image_residual=image_residual,
+                               class_residual=text_residual, progress=not args.quiet)
+    search.extra["skipped"] = dict(skipped)
+    return search
