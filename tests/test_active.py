@@ -160,7 +160,7 @@ def test_epig_against_a_double_loop(likelihood, generator, monkeypatch):
     torch.testing.assert_close(epig, expected, rtol=1e-10, atol=1e-14)
     assert bool((epig > 0).all())
     # Small chunks on both sides (several pool and target chunks) give the same sums.
-    monkeypatch.setattr(active, "CHUNK_ELEMENTS", 2 * C * C)
+    monkeypatch.setattr(active.chunking, "CHUNK_ELEMENTS", 2 * C * C)
     chunked = acquisition_scores(clf, pool, "epig", samples=samples, targets=targets, chunk_size=2)
     torch.testing.assert_close(chunked, epig, rtol=1e-12, atol=1e-15)
 

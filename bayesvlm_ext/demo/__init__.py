@@ -3,7 +3,8 @@
 - `shapes`: images of coloured shapes with captions ("a small red triangle on the left"), a shifted domain
   and a word-level tokenizer;
 - `default_model`: a tiny open_clip CLIP trained contrastively on them (on first use, then cached);
-- `run`: `python -m bayesvlm_ext.demo` (`make demo`), BayesVLM and ProbVLM on that model.
+- `run`: `python -m bayesvlm_ext.demo` (`make demo`), BayesVLM and ProbVLM on that model;
+- `plots`: its three figures (reliability diagrams, Recall@1 per uncertainty bin, active learning).
 
 Not imported by `import bayesvlm_ext`: the library does not depend on its own demo.
 """

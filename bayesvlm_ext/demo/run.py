@@ -24,7 +24,7 @@ layout `zero_shot.{in_domain,shifted}.{map,bayesvlm_probit,bayesvlm_mc,probvlm}.
 `uncertainty_bins.{bayesvlm,probvlm}.{image_to_text,text_to_image}` and `timings` (seconds per stage,
 `fit_posterior` and `probvlm_fit` the time to fit each method), plus three plots: DIR/reliability.png
 (zero-shot reliability diagrams), DIR/uncertainty_recall.png (Recall@1 per uncertainty bin, both
-methods) and DIR/active_learning.png.
+methods) and DIR/active_learning.png (`bayesvlm_ext.demo.plots`).
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ from torch import Tensor, nn
 import bayesvlm_ext
 from bayesvlm_ext import KronPosterior, ZeroShotClassifier, cosine_moments, evaluation, predictive, reference
 from bayesvlm_ext.demo import default_model, shapes
+from bayesvlm_ext.demo.plots import save_plots
 from bayesvlm_ext.capture import capture, find_projection
 from bayesvlm_ext.fit import unnormalised_encoder
-from bayesvlm_ext.predictive import reliability
 
 SEED = 0
 FIT_PAIRS = 8192  # in-domain pairs behind the curvature factors (one class batch)
@@ -52,7 +52,6 @@ MC_SAMPLES = 1000
 TIMING_REPEATS = 5
 RETRIEVAL_KS = (1, 5, 10)
 UNCERTAINTY_BINS = 10
-RELIABILITY_BINS = 10  # in the plot; the ECE figures use the 20 bins of bayesvlm_ext.ece
 # Active learning on the shifted domain: a fresh pool per seed, one fixed test set whose unlabelled
 # images are EPIG's targets (a random subset), labels added in rounds up to these totals.
 AL_METHODS = ("epig", "bald", "entropy", "random")
@@ -66,7 +65,6 @@ AL_WEIGHT_SAMPLES = 64
 # fitted posterior's log density; chosen on the random baseline's curve, the same for every method).
 FINETUNE_STEPS, FINETUNE_LR, FINETUNE_PRIOR = 300, 1e-2, 0.1
 DOMAINS = {"in_domain": "test", "shifted": "shifted"}
-METHOD_NAMES = {"bayesvlm": "BayesVLM", "probvlm": "ProbVLM"}
 # ProbVLM on the fit pairs' normalised embeddings (10 % held out for validation), the published architecture
 # and loss weights. Learning rate and batch: the published 8e-5 is made for COCO-sized data; on 8192 pairs
 # its validation loss still falls after 100 epochs, while 1e-3 with batches of 256 converges and stops early.
@@ -135,62 +133,6 @@ def timed(fn, repeats: int = TIMING_REPEATS):
 def metrics(probs: Tensor, labels: Tensor) -> dict[str, float]:
     return {"acc": bayesvlm_ext.accuracy(probs, labels), "nlpd": bayesvlm_ext.nlpd(probs, labels),
             "ece": bayesvlm_ext.ece(probs, labels)}
-
-
-def save_plots(out: str, zero_shot_probs: dict, labels: dict, retrieval_results: dict, curves: dict,
-               active: dict) -> list[str]:
-    """DIR/reliability.png, DIR/uncertainty_recall.png and DIR/active_learning.png (matplotlib, off-screen)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = [os.path.join(out, "reliability.png"), os.path.join(out, "uncertainty_recall.png")]
-    fig, axes = plt.subplots(1, len(zero_shot_probs), figsize=(5 * len(zero_shot_probs), 4.6), squeeze=False)
-    for ax, (domain, methods) in zip(axes[0], zero_shot_probs.items()):
-        ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", label="perfect calibration")
-        for method, probs in methods.items():
-            count, confidence, acc = reliability(probs, labels[domain], RELIABILITY_BINS)
-            occupied = count > 0
-            ece = bayesvlm_ext.ece(probs, labels[domain])
-            ax.plot(confidence[occupied], acc[occupied], marker="o", label=f"{method} (ECE {ece:.3f})")
-        ax.set(title=f"zero-shot, {domain.replace('_', ' ')}", xlabel="confidence (top class)",
-               ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
-        ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(paths[0], dpi=120)
-    plt.close(fig)
-
-    directions = list(retrieval_results["map"])
-    fig, axes = plt.subplots(1, len(directions), figsize=(5 * len(directions), 4.2), squeeze=False)
-    for ax, name in zip(axes[0], directions):
-        for method, by_direction in curves.items():  # tr(S) / ||mean||^2 differs in scale between the methods
-            recall = by_direction[name]["recall@1"]
-            rho = retrieval_results[method][name]["spearman"]
-            rho = "undefined" if rho is None else f"{rho:.2f}"
-            ax.plot(range(1, len(recall) + 1), recall, marker="o",
-                    label=f"{METHOD_NAMES.get(method, method)} (Spearman {rho})")
-        ax.axhline(retrieval_results["map"][name]["recall@1"], color="0.5", linestyle="--", label="MAP, all queries")
-        ax.set(title=name.replace("_", " "), xlabel="query uncertainty bin (1 = most certain, equal counts)",
-               ylabel="Recall@1 in the bin", ylim=(0, 1.02))
-        ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(paths[1], dpi=120)
-    plt.close(fig)
-
-    paths.append(os.path.join(out, "active_learning.png"))
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    for method, curve in active.items():
-        x, mean, std = (torch.tensor(column, dtype=torch.float64) for column in zip(*curve))
-        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=method)
-    ax.set_xscale("symlog", linthresh=AL_LABELS[0])
-    ax.set(title="active learning, shifted domain", xlabel="labels", ylabel="test accuracy", xticks=(0, *AL_LABELS),
-           xticklabels=[str(x) for x in (0, *AL_LABELS)])
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(paths[2], dpi=120)
-    plt.close(fig)
-    return paths
 
 
 def finetune_projection(
@@ -428,7 +370,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
     labels = {name: data.shape for name, (_, data) in eval_features.items()}
-    plots = save_plots(args.out, zero_shot_probs, labels, retrieval_results, curves, active)
+    plots = save_plots(args.out, zero_shot_probs, labels, retrieval_results, curves, active, AL_LABELS)
     timings["plots"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - start_all
     results = {"zero_shot": zero_shot, "retrieval": retrieval_results, "active_learning": active,
