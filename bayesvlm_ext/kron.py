@@ -2,10 +2,10 @@
 
 SPEC.md sections 2, 6 and 8; laplace-torch's `Kron` and `KronDecomposed` are the models.
 
-`KronFactors` holds the curvature factors A [p, p] and B [q, q] with the number of data N they were summed
-over. The fit stores them scaled by 1/sqrt(N) (A = sum_i a_i a_i^T / sqrt(N), B = sum_i H_i / sqrt(N)), so
-more data is factor addition on the sums: `fitted + KronFactors.from_sums(sum a a^T, sum H, n)` equals
-the factors of one fit on all N + n data.
+`KronFactors` holds the curvature factors with the number of data N they were summed over. The fit stores
+them scaled by 1/sqrt(N) (A = sum_i a_i a_i^T / sqrt(N), B = sum_i H_i / sqrt(N)); a KronFactors keeps the
+unscaled sums, so more data is factor addition: `KronFactors.from_factors(A, B, N) + KronFactors.from_sums(
+sum a a^T, sum H, n)` holds the factors of one fit on all N + n data.
 
 `KronDecomposed` holds the two factors' eigendecompositions, A = Q_A diag(a) Q_A^T and B = Q_B diag(e) Q_B^T
 (float64; negative round-off clamped to 0, a factor far from PSD refused). Both damping modes are then a grid
@@ -26,7 +26,7 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from ._validation import check_symmetric_factor
+from ._validation import check_finite, check_tensor
 
 logger = logging.getLogger("bayesvlm_ext")
 
@@ -55,35 +55,54 @@ class FactorReport:
 
 @dataclass(frozen=True)
 class KronFactors:
-    """Curvature factors A [p, p], B [q, q] (float64, symmetric) fitted on `num_data` data, scaled by 1/sqrt(N)."""
+    """Curvature factors of `num_data` data, kept as their unscaled sums A_sum [p, p] and B_sum [q, q] (float64).
 
-    A: Tensor
-    B: Tensor
+    The factors a posterior uses are A = A_sum / sqrt(N) and B = B_sum / sqrt(N) (`A`, `B`); adding two is
+    adding their sums and counts, the factors of one fit on both sets of data.
+    """
+
+    A_sum: Tensor
+    B_sum: Tensor
     num_data: int
 
     @classmethod
     def from_sums(cls, A_sum: Tensor, B_sum: Tensor, num_data: int) -> "KronFactors":
-        """The factors of `num_data` data from their unscaled sums, sum_i a_i a_i^T [p, p] and sum_i H_i [q, q]."""
+        """From sum_i a_i a_i^T [p, p] and sum_i H_i [q, q] over `num_data` data."""
         if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 0:
             raise ValueError(f"argument 'num_data' must be a non-negative int, got {num_data!r}")
-        A, _ = check_symmetric_factor("A_sum", A_sum, A_sum.shape[-1], "[p, p]")
-        B, _ = check_symmetric_factor("B_sum", B_sum, B_sum.shape[-1], "[q, q]")
-        root = math.sqrt(num_data) if num_data else 1.0  # no data: zero sums, and nothing to scale
-        return cls(A / root, B / root, num_data)
+        for name, x in (("A_sum", A_sum), ("B_sum", B_sum)):
+            check_tensor(name, x, dim=2)
+            if x.shape[0] != x.shape[1]:
+                raise ValueError(f"argument '{name}' must be square, got shape {tuple(x.shape)}")
+            check_finite(name, x)
+        return cls(A_sum.to(torch.float64), B_sum.to(torch.float64), num_data)
+
+    @classmethod
+    def from_factors(cls, A: Tensor, B: Tensor, num_data: int) -> "KronFactors":
+        """From the scaled factors of a fit (a posterior's A and B) and the number of data behind them (0: they
+        count for nothing)."""
+        root = math.sqrt(num_data) if isinstance(num_data, int) and num_data > 0 else 0.0
+        return cls.from_sums(root * A.to(torch.float64), root * B.to(torch.float64), num_data)
+
+    @property
+    def A(self) -> Tensor:  # [p, p] A_sum / sqrt(N)
+        return self.A_sum / math.sqrt(self.num_data) if self.num_data else self.A_sum
+
+    @property
+    def B(self) -> Tensor:  # [q, q] B_sum / sqrt(N)
+        return self.B_sum / math.sqrt(self.num_data) if self.num_data else self.B_sum
 
     def __add__(self, other: "KronFactors") -> "KronFactors":
-        """The factors of both sets of data: A = (sqrt(N1) A1 + sqrt(N2) A2) / sqrt(N1 + N2), B likewise."""
+        """The factors of both sets of data: the sums and the counts add."""
         if not isinstance(other, KronFactors):
             return NotImplemented
-        if self.A.shape != other.A.shape or self.B.shape != other.B.shape:
-            raise ValueError(f"factors of different layers cannot be added: A {tuple(self.A.shape)} and "
-                             f"{tuple(other.A.shape)}, B {tuple(self.B.shape)} and {tuple(other.B.shape)}")
-        total = self.num_data + other.num_data
-        if total == 0:
+        if self.A_sum.shape != other.A_sum.shape or self.B_sum.shape != other.B_sum.shape:
+            raise ValueError(f"factors of different layers cannot be added: A {tuple(self.A_sum.shape)} and "
+                             f"{tuple(other.A_sum.shape)}, B {tuple(self.B_sum.shape)} and {tuple(other.B_sum.shape)}")
+        if self.num_data + other.num_data == 0:
             raise ValueError("adding factors of no data at all (N1 + N2 = 0)")
-        first, second, root = math.sqrt(self.num_data), math.sqrt(other.num_data), math.sqrt(total)
-        return KronFactors((first * self.A + second * other.A.to(self.A)) / root,
-                           (first * self.B + second * other.B.to(self.B)) / root, total)
+        return KronFactors(self.A_sum + other.A_sum.to(self.A_sum), self.B_sum + other.B_sum.to(self.B_sum),
+                           self.num_data + other.num_data)
 
 
 class KronDecomposed:

@@ -95,3 +95,12 @@ def test_factor_addition_refuses_other_layers_and_no_data(generator):
         empty + empty
     with pytest.raises(ValueError, match="argument 'num_data'"):
         KronFactors.from_sums(spd(P, generator), spd(Q, generator), -1)
+
+
+def test_factors_of_a_fit_round_trip_through_their_sums(generator):
+    A, B = spd(P, generator), spd(Q, generator)
+    fitted = KronFactors.from_factors(A, B, 7)
+    torch.testing.assert_close(fitted.A, A, rtol=1e-15, atol=0)
+    torch.testing.assert_close(fitted.A_sum, math.sqrt(7) * A, rtol=0, atol=0)
+    nothing = KronFactors.from_factors(A, B, 0)  # factors of no data count for nothing
+    assert torch.equal(nothing.A_sum, torch.zeros_like(A)) and nothing.num_data == 0

@@ -71,7 +71,8 @@ def update_posterior(
     x = phi.to(torch.float64)
     if posterior.bias is not None:
         x = torch.cat([x, x.new_ones(rows, 1)], dim=1)
-    factors = KronFactors(posterior.A, posterior.B, num_data) + KronFactors.from_sums(x.T @ x, added_b, rows)
+    fitted = KronFactors.from_factors(posterior.A, posterior.B, num_data)
+    factors = fitted + KronFactors.from_sums(x.T @ x, added_b, rows)
     updated = KronPosterior(factors.A, factors.B, posterior.weight if weight is None else weight,
                             posterior.bias if bias is None else bias, prior_precision=posterior.prior_precision,
                             pseudo_count=posterior.pseudo_count, damping=posterior.damping)
