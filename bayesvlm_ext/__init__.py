@@ -24,10 +24,10 @@ The building blocks it composes:
   topk              the k best of a gallery per query: values, indices, mean, var [N, k], streamed (SPEC 7)
   build_index, open_index, search   a gallery's statistics on disk in memory-mapped shards, searched (SPEC 7)
 Modules for the rest: active (selection and online update, SPEC 8), capture (projection sites), covariance
-(the three covariance forms), curvature, distribution, evaluation (retrieval and selective-prediction metrics,
-SPEC 11), fit, index, kron
-(decomposed Kronecker precision), moments, ops (the compiled ops), predictive, probvlm, reference (published
-naive baselines), retrieval, tuning (the pseudo-count on held-out data, SPEC 2), zeroshot.
+(the three covariance forms), curvature, distribution, evaluation (retrieval and selective-prediction
+metrics, SPEC 11), fit, index, kron (decomposed Kronecker precision), moments, ops (the compiled ops),
+predictive, probvlm, reference (published naive baselines), retrieval, tuning (the pseudo-count on
+held-out data, SPEC 2), zeroshot.
 Enumerations (damping, likelihood, variant, score, link, ...) are accepted as their strings everywhere.
 """
 
