@@ -51,7 +51,7 @@ test: test-cpp test-python test-sanitize-cpu
 # file descriptor 2 alone, so the sanitizer's report is printed rather than lost with pytest's capture.
 ASAN_LIB_DIR := build/asan/lib
 OP_TESTS := tests/test_op_kron_quadform.py tests/test_op_item_stats.py tests/test_op_pairwise_moments.py \
-	tests/test_op_topk_moments.py tests/test_ops_compile.py
+	tests/test_op_topk_moments.py tests/test_ops_compile.py tests/test_projected.py
 SANITIZE_CPU_TESTS := $(OP_TESTS) tests/test_degenerate.py tests/test_fuzz.py \
 	tests/test_retrieval.py tests/test_index.py -q -p no:cacheprovider --capture=sys
 sanitize-cpu: $(VENV)/.deps-installed $(CSRC)

@@ -73,18 +73,27 @@ def item_stats_exact(
     return mean, (z * z) @ K, sq_norm, cross_quad
 
 
-def _pair_logit_moments(x, y, x_stats, y_stats, x_var, y_var, scale, bias, trace_cross):
+def _pair_logit_moments(x, y, x_stats, y_stats, x_var, y_var, scale, bias, trace_cross, x_proj=None, y_proj=None):
     """mean, var [n, m] of the logits of every pair (SPEC.md section 4; conventions in csrc/moments.h)."""
     dtype = x_stats.dtype
     x, y = x.to(dtype), y.to(dtype)
-    inv_x, alpha_x, quad_x = x_stats.unbind(1)
-    inv_y, alpha_y, quad_y = y_stats.unbind(1)
+    inv_x, alpha_x, quad_x = x_stats[:, :3].unbind(1)
+    inv_y, alpha_y, quad_y = y_stats[:, :3].unbind(1)
+    dots = x @ y.T
     if x_var is not None:
         dot_var = x_var @ y_var.T
     else:
         dot_var = quad_x[:, None] * alpha_y[None, :] + alpha_x[:, None] * (quad_y + trace_cross * alpha_y)[None, :]
+    if x_proj is not None:  # the projected variance: the radial part of each side removed (SPEC.md section 4)
+        inv_mu_x, r_x = x_stats[:, 3], x_stats[:, 4]
+        inv_mu_y, r_y = y_stats[:, 3], y_stats[:, 4]
+        cos = dots * inv_mu_x[:, None] * inv_mu_y[None, :]
+        sq_mu_x, sq_mu_y = 1 / (inv_mu_x * inv_mu_x), 1 / (inv_mu_y * inv_mu_y)
+        radial = r_x[:, None] * sq_mu_y[None, :] + sq_mu_x[:, None] * r_y[None, :]
+        dot_var = dot_var + cos * (cos * radial - 2 * (x_proj @ y_proj.T))
+        dot_var = torch.where(dot_var < 0, torch.zeros_like(dot_var), dot_var)  # round-off below 0; NaN stays
     c = inv_x[:, None] * inv_y[None, :]
-    return scale * (x @ y.T) * c + bias, (scale * scale) * dot_var * (c * c)
+    return scale * dots * c + bias, (scale * scale) * dot_var * (c * c)
 
 
 def pairwise_moments(
@@ -98,9 +107,11 @@ def pairwise_moments(
     bias: float,
     trace_cross: float,
     output: int,  # 0 mean, 1 probit logit, 2 sigmoid probit
+    x_proj: Tensor | None = None,  # [N, K2] projection features ("projected" variance; stats then [N, 5])
+    y_proj: Tensor | None = None,  # [M, K2]
 ) -> tuple[Tensor, Tensor]:  # first [N, M], var [N, M]
     """Logit moments of every pair, written out densely (SPEC.md sections 4 and 5)."""
-    mean, var = _pair_logit_moments(x, y, x_stats, y_stats, x_var, y_var, scale, bias, trace_cross)
+    mean, var = _pair_logit_moments(x, y, x_stats, y_stats, x_var, y_var, scale, bias, trace_cross, x_proj, y_proj)
     if output == 0:
         return mean, var
     probit = mean / torch.sqrt(1 + PI_OVER_8 * var)
@@ -142,6 +153,8 @@ def topk_moments(
     k: int,
     score: int,  # 0 mean, 1 pessimistic, 2 optimistic, 3 probit
     kappa: float,
+    x_proj: Tensor | None = None,  # [N, K2] ("projected" variance)
+    y_proj: Tensor | None = None,  # [M, K2]
     chunk: int = 8192,  # gallery rows scored at a time: memory O(N (k + chunk))
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # values, indices, mean, var: [N, k] each
     """The k best gallery items per query, ties to the lower index, streaming over the gallery.
@@ -157,7 +170,8 @@ def topk_moments(
     for g0 in range(0, y.shape[0], chunk):
         rows = slice(g0, g0 + chunk)
         mean, var = _pair_logit_moments(x, y[rows], x_stats, y_stats[rows], x_var,
-                                        None if y_var is None else y_var[rows], scale, bias, trace_cross)
+                                        None if y_var is None else y_var[rows], scale, bias, trace_cross, x_proj,
+                                        None if y_proj is None else y_proj[rows])
         key = topk_scores(mean, var, score, kappa)
         index = torch.arange(g0, g0 + mean.shape[1], device=x.device).expand(n, -1)
         merged = [torch.cat([b, c], dim=1) for b, c in zip(best, (key, index, mean, var))]

@@ -143,6 +143,9 @@ class KronCovariance(Covariance):
     def dense(self) -> Tensor:
         return self.alpha[:, None, None] * self.shared[None]
 
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.alpha[:, None] * (v @ self.shared)  # shared is symmetric
+
     def eigen_form(self) -> tuple[Tensor, Tensor]:
         if self.basis is None:  # cached on the object: every copy made from it afterwards shares the result
             eigvals, basis = torch.linalg.eigh(self.shared.to(torch.float64))
@@ -185,6 +188,9 @@ class EigenCovariance(Covariance):
     def dense(self) -> Tensor:
         return torch.einsum("ij,nj,kj->nik", self.basis, self.k, self.basis)
 
+    def matvec(self, v: Tensor) -> Tensor:
+        return ((v @ self.basis) * self.k) @ self.basis.T
+
     def eigen_form(self) -> tuple[Tensor, Tensor]:
         return self.k, self.basis
 
@@ -213,6 +219,9 @@ class DiagCovariance(Covariance):
 
     def dense(self) -> Tensor:
         return torch.diag_embed(self.variances)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.variances * v
 
     def check(self, n: int, d: int) -> None:
         check_tensor("variances", self.variances, dim=2)

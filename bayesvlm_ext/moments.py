@@ -26,6 +26,7 @@ class Variant(str, Enum):
     KRON = "kron"  # exact under Kronecker-form covariances: one GEMM plus per-item scalars
     EXACT = "exact"  # exact for kron- and eigen-form covariances, through the shared eigenbases
     DIAG = "diag"  # per-dimension variances only: the published approximation (exact for diag forms)
+    PROJECTED = "projected"  # the exact numerator of the forms given, with each side's radial part removed
 
 
 class MomentsOutput(str, Enum):
@@ -47,6 +48,8 @@ class PairInputs(NamedTuple):
     x_var: Tensor | None  # [N, 2D] variance features, or None for the Kronecker closed form
     y_var: Tensor | None  # [M, 2D]
     trace_cross: float  # tr(Bx By) of the closed form (0 with variance features)
+    x_proj: Tensor | None = None  # [N, 2D] projection features ("projected"; the stats are then [N, 5])
+    y_proj: Tensor | None = None  # [M, 2D]
 
 
 def cosine_moments(
@@ -73,7 +76,8 @@ def cosine_moments(
     output = parse_enum("output", output, MomentsOutput)
     scale, bias = scale_and_bias(logit_scale, logit_bias)
     inputs = pairwise_inputs(img, txt, variant)
-    return ops.pairwise_moments(*inputs[:6], scale, bias, inputs.trace_cross, _OUTPUT_CODE[output])
+    return ops.pairwise_moments(*inputs[:6], scale, bias, inputs.trace_cross, _OUTPUT_CODE[output], inputs.x_proj,
+                                inputs.y_proj)
 
 
 def scale_and_bias(logit_scale, logit_bias) -> tuple[float, float]:
@@ -99,6 +103,8 @@ def pairwise_inputs(
     if img.device != txt.device:
         raise ValueError(f"arguments 'img' and 'txt' must be on one device, got {img.device} and {txt.device}")
     variant = _choose_variant(img.form, txt.form) if variant is None else parse_enum("variant", variant, Variant)
+    if variant is Variant.PROJECTED:
+        return _projected(img, txt, pairwise_inputs(img, txt, _choose_variant(img.form, txt.form)))
     if variant is Variant.KRON and (img.form is not CovarianceForm.KRON or txt.form is not CovarianceForm.KRON):
         raise ValueError(f"variant 'kron' needs kron-form inputs, got '{img.form.value}' and '{txt.form.value}'")
     if variant is Variant.EXACT and CovarianceForm.DIAG in (img.form, txt.form):
@@ -147,6 +153,32 @@ def pairwise_inputs(
     x_stats = torch.stack([sq_norm_x.rsqrt(), zeros_x, zeros_x], dim=1)
     y_stats = torch.stack([sq_norm_y.rsqrt(), zeros_y, zeros_y], dim=1)
     return PairInputs(x, y, x_stats, y_stats, x_var.contiguous(), y_var.contiguous(), 0.0)
+
+
+def _projected(img: EmbeddingDistribution, txt: EmbeddingDistribution, exact: PairInputs) -> PairInputs:
+    """The inputs of the projected variance (SPEC.md section 4) on top of the exact ones of the same forms.
+
+    With u = mu / ||mu||, Pr = I - u u^T and c = u_x . u_y, the numerator (Pr_x mu_y)^T S_x (Pr_x mu_y) +
+    (Pr_y mu_x)^T S_y (Pr_y mu_x) + tr(S_x S_y) is the exact one plus
+      c (c (||mu_y||^2 r_x + ||mu_x||^2 r_y) - 2 h),   r = u^T S u,
+      h = (S_x u_x) . (||mu_y|| mu_y) + (||mu_x|| mu_x) . (S_y u_y)
+        = [S_x u_x, ||mu_x|| mu_x] . [||mu_y|| mu_y, S_y u_y]:
+    two per-item scalars (stats columns 3 and 4: 1 / ||mu|| and r) and one GEMM of inner size 2D.
+    """
+    def side(dist: EmbeddingDistribution, mean: Tensor, stats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        covariance = dist.covariance.to(stats.dtype)
+        norm = mean.norm(dim=1)
+        unit = mean / norm[:, None]  # a zero mean gives NaN: its scores are NaN and rank last (SPEC.md section 12)
+        applied = covariance.matvec(unit)
+        r = (unit * applied).sum(1)
+        return torch.cat([stats, (1 / norm)[:, None], r[:, None]], dim=1), applied, norm[:, None] * mean
+
+    acc = exact.x_stats.dtype
+    x_stats, applied_x, scaled_x = side(img, exact.x.to(acc), exact.x_stats)
+    y_stats, applied_y, scaled_y = side(txt, exact.y.to(acc), exact.y_stats)
+    return exact._replace(x_stats=x_stats.contiguous(), y_stats=y_stats.contiguous(),
+                          x_proj=torch.cat([applied_x, scaled_x], dim=1).contiguous(),
+                          y_proj=torch.cat([scaled_y, applied_y], dim=1).contiguous())
 
 
 def _choose_variant(form_img: CovarianceForm, form_txt: CovarianceForm) -> Variant:

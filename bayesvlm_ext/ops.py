@@ -117,7 +117,7 @@ def item_stats_exact(
     return _torch_impl.item_stats_exact(phi, weight, bias, residual, Qa, K, B_cross)
 
 
-def _check_pairwise(x, y, x_stats, y_stats, x_var, y_var) -> None:
+def _check_pairwise(x, y, x_stats, y_stats, x_var, y_var, x_proj=None, y_proj=None) -> None:
     check_tensor("x", x, dim=2)
     check_tensor("y", y, dim=2)
     if y.dtype != x.dtype:
@@ -127,8 +127,16 @@ def _check_pairwise(x, y, x_stats, y_stats, x_var, y_var) -> None:
     if x.device != y.device:
         raise ValueError(f"arguments 'x' and 'y' must be on one device, got {x.device} and {y.device}")
     acc = accumulation_dtype(x.dtype)
-    _check_acc("x_stats", x_stats, acc, x.device, (x.shape[0], 3), " (inv_norm, alpha, quad)")
-    _check_acc("y_stats", y_stats, acc, x.device, (y.shape[0], 3), " (inv_norm, alpha, quad)")
+    if (x_proj is None) != (y_proj is None):
+        raise ValueError("arguments 'x_proj' and 'y_proj' must be given together")
+    stats, what = (3, " (inv_norm, alpha, quad)") if x_proj is None else \
+        (5, " (inv_norm, alpha, quad, inv_mu_norm, r) with projection features")
+    _check_acc("x_stats", x_stats, acc, x.device, (x.shape[0], stats), what)
+    _check_acc("y_stats", y_stats, acc, x.device, (y.shape[0], stats), what)
+    if x_proj is not None:
+        check_tensor("x_proj", x_proj, dim=2)
+        _check_acc("x_proj", x_proj, acc, x.device, (x.shape[0], x_proj.shape[1]))
+        _check_acc("y_proj", y_proj, acc, x.device, (y.shape[0], x_proj.shape[1]), " (K of x_proj)")
     if (x_var is None) != (y_var is None):
         raise ValueError("arguments 'x_var' and 'y_var' must be given together")
     if x_var is not None:
@@ -154,13 +162,16 @@ def pairwise_moments(
     bias: float,  # logit bias
     trace_cross: float,  # tr(Bx By) (Kronecker form)
     output: int = 0,  # first output: 0 mean logit, 1 probit logit, 2 sigmoid probit
+    x_proj: Tensor | None = None,  # [N, K2] projection features of the "projected" variance; stats then [N, 5]
+    y_proj: Tensor | None = None,  # [M, K2]
 ) -> tuple[Tensor, Tensor]:  # first [N, M], var [N, M], accumulation dtype
     """Logit mean (or its probit transforms) and variance of every pair, fused (SPEC.md sections 4-5)."""
-    _check_pairwise(x, y, x_stats, y_stats, x_var, y_var)
+    _check_pairwise(x, y, x_stats, y_stats, x_var, y_var, x_proj, y_proj)
     if output not in (0, 1, 2):
         raise ValueError(f"argument 'output' must be 0 (mean), 1 (probit logit) or 2 (sigmoid probit), got {output!r}")
-    args = (x, y, x_stats, y_stats, x_var, y_var, *_pairwise_scalars(scale, bias, trace_cross), int(output))
-    if _compiled("pairwise_moments", x.device, x, y, x_stats, y_stats, x_var, y_var):
+    args = (x, y, x_stats, y_stats, x_var, y_var, *_pairwise_scalars(scale, bias, trace_cross), int(output), x_proj,
+            y_proj)
+    if _compiled("pairwise_moments", x.device, x, y, x_stats, y_stats, x_var, y_var, x_proj, y_proj):
         return torch.ops.bayesvlm_ext.pairwise_moments(*args)
     return _torch_impl.pairwise_moments(*args)
 
@@ -178,15 +189,17 @@ def topk_moments(
     k: int,  # 0 <= k <= M
     score: int,  # 0 mean, 1 pessimistic, 2 optimistic, 3 probit
     kappa: float,
+    x_proj: Tensor | None = None,  # [N, K2] ("projected" variance)
+    y_proj: Tensor | None = None,  # [M, K2]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # values, indices (int64), mean, var: [N, k] each
     """Streaming top-k over the gallery by score, ties to the lower index (SPEC.md section 7). No gradients."""
-    _check_pairwise(x, y, x_stats, y_stats, x_var, y_var)
+    _check_pairwise(x, y, x_stats, y_stats, x_var, y_var, x_proj, y_proj)
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= y.shape[0]:
         raise ValueError(f"argument 'k' must be an int in [0, M] = [0, {y.shape[0]}], got {k!r}")
     if score not in (0, 1, 2, 3):
         raise ValueError(f"argument 'score' must be 0, 1, 2 or 3, got {score!r}")
     args = (x, y, x_stats, y_stats, x_var, y_var, *_pairwise_scalars(scale, bias, trace_cross), k, int(score),
-            check_finite_scalar("kappa", kappa))
+            check_finite_scalar("kappa", kappa), x_proj, y_proj)
     with torch.no_grad():
         if _compiled("topk_moments", x.device):
             return torch.ops.bayesvlm_ext.topk_moments(*args)
@@ -210,13 +223,15 @@ if has_extension():
                 phi.new_empty((n if B_cross is not None else 0,), dtype=acc))
 
     @torch.library.register_fake("bayesvlm_ext::pairwise_moments")
-    def _pairwise_moments_fake(x, y, x_stats, y_stats, x_var, y_var, scale, bias, trace_cross, output):
+    def _pairwise_moments_fake(x, y, x_stats, y_stats, x_var, y_var, scale, bias, trace_cross, output, x_proj=None,
+                               y_proj=None):
         torch._check(x.shape[1] == y.shape[1], lambda: "pairwise_moments: x and y must share D")
         acc = accumulation_dtype(x.dtype)
         return x.new_empty((x.shape[0], y.shape[0]), dtype=acc), x.new_empty((x.shape[0], y.shape[0]), dtype=acc)
 
     @torch.library.register_fake("bayesvlm_ext::topk_moments")
-    def _topk_moments_fake(x, y, x_stats, y_stats, x_var, y_var, scale, bias, trace_cross, k, score, kappa):
+    def _topk_moments_fake(x, y, x_stats, y_stats, x_var, y_var, scale, bias, trace_cross, k, score, kappa,
+                           x_proj=None, y_proj=None):
         torch._check(x.shape[1] == y.shape[1], lambda: "topk_moments: x and y must share D")
         acc = accumulation_dtype(x.dtype)
         shape = (x.shape[0], k)

@@ -60,7 +60,8 @@ def topk(
     scale, bias = scale_and_bias(logit_scale, logit_bias)
     with torch.no_grad():
         inputs = pairwise_inputs(queries, gallery, variant)
-        return ops.topk_moments(*inputs[:6], scale, bias, inputs.trace_cross, k, _SCORE_CODE[score], kappa)
+        return ops.topk_moments(*inputs[:6], scale, bias, inputs.trace_cross, k, _SCORE_CODE[score], kappa,
+                                inputs.x_proj, inputs.y_proj)
 
 
 def merge_topk(

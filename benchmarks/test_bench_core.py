@@ -11,6 +11,7 @@ Run: `pytest benchmarks --benchmark-only`; `python -m benchmarks.report` runs th
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import pytest
@@ -19,6 +20,7 @@ from torch import Tensor
 
 import bayesvlm_ext
 from bayesvlm_ext import EmbeddingDistribution, _torch_impl, cosine_moments, kfac_factors, ops, reference, topk
+from bayesvlm_ext.moments import pairwise_inputs
 
 from .conftest import LOGIT_SCALE, bench_dtypes, shapes, synchronize
 
@@ -130,14 +132,28 @@ def moments_oracle(
     return scale * (mx @ my.T) / norms.sqrt(), scale**2 * dot_var / norms
 
 
+def projected_oracle(
+    img: EmbeddingDistribution,  # N items
+    txt: EmbeddingDistribution,  # M items
+    rows: int = 256,
+) -> tuple[Tensor, Tensor]:  # mean [rows, M], var [rows, M], float64
+    """The projected variant's moments in float64 through the PyTorch twin (not the compiled kernel)."""
+    inputs = pairwise_inputs(img[:rows].to("cpu", torch.float64), txt.to("cpu", torch.float64), "projected")
+    return _torch_impl.pairwise_moments(*inputs[:6], math.exp(LOGIT_SCALE), 0.0, inputs.trace_cross, 0,
+                                        inputs.x_proj, inputs.y_proj)
+
+
 @pytest.mark.benchmark
 @pytest.mark.parametrize("dtype", bench_dtypes(), ids=str)
-@pytest.mark.parametrize("variant", ["kron", "diag"])
+@pytest.mark.parametrize("variant", ["kron", "diag", "projected"])
 def test_cosine_moments(benchmark, moments_inputs, device, variant, dtype):
     benchmark.group = group_name("moments", dtype)
     img, txt = (with_mean_dtype(d, dtype) for d in moments_inputs)
     mean, var = cosine_moments(img, txt, logit_scale=LOGIT_SCALE, variant=variant)
-    oracle_mean, oracle_var = moments_oracle(img, txt, diag=variant == "diag")
+    if variant == "projected":
+        oracle_mean, oracle_var = projected_oracle(img, txt)
+    else:
+        oracle_mean, oracle_var = moments_oracle(img, txt, diag=variant == "diag")
     assert_close_to_oracle(f"cosine_moments {variant}: mean", mean[:256].cpu(), oracle_mean)
     assert_close_to_oracle(f"cosine_moments {variant}: var", var[:256].cpu(), oracle_var)
     del mean, var
@@ -218,21 +234,23 @@ def chunked_mm_topk(queries: Tensor, gallery: Tensor, k: int) -> tuple[Tensor, T
 
 @pytest.mark.benchmark
 @pytest.mark.parametrize("dtype", bench_dtypes(), ids=str)
-@pytest.mark.parametrize("score", ["mean", "pessimistic", "probit"])
+@pytest.mark.parametrize("score", ["mean", "pessimistic", "probit", "probit_projected"])
 def test_topk(benchmark, topk_inputs, device, score, dtype):
     benchmark.group = group_name("topk", dtype)
     queries, gallery = (with_mean_dtype(d, dtype) for d in topk_inputs)
     k = shapes(device)["topk"]["k"]
-    values, indices, mean, var = topk(queries, gallery, k, score=score, logit_scale=LOGIT_SCALE)
+    key, score, variant = score, score.removesuffix("_projected"), "projected" if score.endswith("projected") else None
+    values, indices, mean, var = topk(queries, gallery, k, score=score, logit_scale=LOGIT_SCALE, variant=variant)
     # Check on the first queries against the dense moments of the same pairs (float64 oracle).
-    oracle_mean, oracle_var = moments_oracle(queries, gallery, rows=8)
+    oracle_mean, oracle_var = (projected_oracle(queries, gallery, rows=8) if variant
+                               else moments_oracle(queries, gallery, rows=8))
     key = {"mean": oracle_mean, "pessimistic": oracle_mean - oracle_var.sqrt(),
            "probit": oracle_mean / torch.sqrt(1 + torch.pi / 8 * oracle_var)}[score]
     best = key.topk(k, dim=1).values
     assert_close_to_oracle(f"topk {score}: best scores", values[:8].cpu(),
                            torch.sigmoid(best) if score == "probit" else best)
-    run_timed(benchmark, lambda: topk(queries, gallery, k, score=score, logit_scale=LOGIT_SCALE), device,
-              "candidate", f"topk_{score}", "topk", dtype)
+    run_timed(benchmark, lambda: topk(queries, gallery, k, score=score, logit_scale=LOGIT_SCALE, variant=variant),
+              device, "candidate", f"topk_{key}", "topk", dtype)
 
 
 @pytest.mark.benchmark

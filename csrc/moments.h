@@ -10,6 +10,11 @@
 //   var features (optional, both or neither) [N, K], [M, K], accumulation dtype, contiguous:
 //             when given, Var[x.y] = x_var[i] . y_var[j] (one more GEMM, "exact" / "diag" forms);
 //             otherwise Var[x.y] = ay qx + ax qy + trace_cross ax ay (the Kronecker closed form).
+//   projection features (optional, both or neither; the "projected" variance of SPEC.md section 4)
+//             [N, K2], [M, K2], accumulation dtype, contiguous; the stats are then [rows, 5], columns
+//             3 and 4 = (inv_mu_norm = 1 / ||mu||, r = u^T S u with u = mu / ||mu||), and
+//             Var[x.y] += cos (cos (r_x ||mu_y||^2 + r_y ||mu_x||^2) - 2 x_proj[i] . y_proj[j]),
+//             cos = (x[i] . y[j]) inv_mu_norm_x inv_mu_norm_y, clamped at 0 (round-off; NaN stays NaN).
 // and produces, per pair (i, j), with c = inv_norm_x[i] * inv_norm_y[j]:
 //   mean = scale * (x[i] . y[j]) * c + bias,   var = scale^2 * Var[x.y] * c^2.
 #pragma once
@@ -43,6 +48,9 @@ constexpr int kStatInvNorm = 0;
 constexpr int kStatAlpha = 1;
 constexpr int kStatQuad = 2;
 constexpr int kNumStats = 3;
+constexpr int kStatInvMuNorm = 3;  // with projection features only
+constexpr int kStatProjQuad = 4;
+constexpr int kNumProjectedStats = 5;
 
 struct PairwiseParams {
   const void* x;  // [n, d], input dtype, strides in elements
@@ -87,7 +95,9 @@ inline bool is_supported_float(c10::ScalarType dt) {
 // Checks the shared pairwise inputs (TORCH_CHECK_VALUE surfaces as a Python ValueError).
 inline void check_pairwise_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_stats,
                                   const at::Tensor& y_stats, const std::optional<at::Tensor>& x_var,
-                                  const std::optional<at::Tensor>& y_var) {
+                                  const std::optional<at::Tensor>& y_var,
+                                  const std::optional<at::Tensor>& x_proj = std::nullopt,
+                                  const std::optional<at::Tensor>& y_proj = std::nullopt) {
   TORCH_CHECK_VALUE(x.dim() == 2, op, ": argument 'x' must be 2-D [N, D], got shape ", x.sizes());
   TORCH_CHECK_VALUE(y.dim() == 2, op, ": argument 'y' must be 2-D [M, D], got shape ", y.sizes());
   TORCH_CHECK_VALUE(x.size(1) == y.size(1), op, ": arguments 'x' [N, D] and 'y' [M, D] must share D, got ",
@@ -97,9 +107,14 @@ inline void check_pairwise_inputs(const char* op, const at::Tensor& x, const at:
   TORCH_CHECK_VALUE(y.scalar_type() == x.scalar_type(), op, ": arguments 'x' and 'y' must have one dtype, got ",
                     x.scalar_type(), " and ", y.scalar_type());
   const auto acc = moments_acc_dtype(x.scalar_type());
+  TORCH_CHECK_VALUE(x_proj.has_value() == y_proj.has_value(), op,
+                    ": arguments 'x_proj' and 'y_proj' must be given together");
+  const int64_t columns = x_proj.has_value() ? kNumProjectedStats : kNumStats;
+  const char* column_names = x_proj.has_value() ? "(inv_norm, alpha, quad, inv_mu_norm, r) with projection features"
+                                                : "(inv_norm, alpha, quad)";
   const auto check_stats = [&](const char* name, const at::Tensor& s, int64_t rows) {
-    TORCH_CHECK_VALUE(s.dim() == 2 && s.size(0) == rows && s.size(1) == kNumStats, op, ": argument '", name,
-                      "' must be [", rows, ", 3] (inv_norm, alpha, quad), got shape ", s.sizes());
+    TORCH_CHECK_VALUE(s.dim() == 2 && s.size(0) == rows && s.size(1) == columns, op, ": argument '", name,
+                      "' must be [", rows, ", ", columns, "] ", column_names, ", got shape ", s.sizes());
     TORCH_CHECK_VALUE(s.scalar_type() == acc, op, ": argument '", name, "' must be ", acc, ", got ",
                       s.scalar_type());
     TORCH_CHECK_VALUE(s.device() == x.device(), op, ": argument '", name, "' must be on ", x.device(), ", got ",
@@ -124,6 +139,20 @@ inline void check_pairwise_inputs(const char* op, const at::Tensor& x, const at:
     check_var("y_var", *y_var, y.size(0));
     TORCH_CHECK_VALUE(x_var->size(1) == y_var->size(1), op, ": arguments 'x_var' and 'y_var' must share K, got ",
                       x_var->sizes(), " and ", y_var->sizes());
+  }
+  if (x_proj.has_value()) {
+    const auto check_proj = [&](const char* name, const at::Tensor& v, int64_t rows) {
+      TORCH_CHECK_VALUE(v.dim() == 2 && v.size(0) == rows, op, ": argument '", name, "' must be [", rows,
+                        ", K2], got shape ", v.sizes());
+      TORCH_CHECK_VALUE(v.scalar_type() == acc, op, ": argument '", name, "' must be ", acc, ", got ",
+                        v.scalar_type());
+      TORCH_CHECK_VALUE(v.device() == x.device(), op, ": argument '", name, "' must be on ", x.device(), ", got ",
+                        v.device());
+    };
+    check_proj("x_proj", *x_proj, x.size(0));
+    check_proj("y_proj", *y_proj, y.size(0));
+    TORCH_CHECK_VALUE(x_proj->size(1) == y_proj->size(1), op, ": arguments 'x_proj' and 'y_proj' must share K2, got ",
+                      x_proj->sizes(), " and ", y_proj->sizes());
   }
 }
 

@@ -27,16 +27,18 @@ TORCH_LIBRARY(bayesvlm_ext, m) {
       "Tensor? B_cross) -> (Tensor mean, Tensor k, Tensor sq_norm, Tensor cross_quad)");
 
   // Logit mean and variance for every pair of x [N, D] and y [M, D] (SPEC.md section 4): one fused
-  // GEMM (two with var features) and an epilogue. Returns (first [N, M], var [N, M]) in the
-  // accumulation dtype; `output` picks first = mean (0), probit logit (1) or sigmoid probit (2).
+  // GEMM (two with var features, one more with projection features) and an epilogue. Returns (first
+  // [N, M], var [N, M]) in the accumulation dtype; `output` picks first = mean (0), probit logit (1) or
+  // sigmoid probit (2). x_proj / y_proj select the "projected" variance (conventions in moments.h).
   m.def(
       "pairwise_moments(Tensor x, Tensor y, Tensor x_stats, Tensor y_stats, Tensor? x_var, Tensor? y_var, "
-      "float scale, float bias, float trace_cross, int output) -> (Tensor, Tensor)");
+      "float scale, float bias, float trace_cross, int output, Tensor? x_proj=None, Tensor? y_proj=None) "
+      "-> (Tensor, Tensor)");
 
   // The k best y per x by `score` (SPEC.md section 7), streamed over tiles of y: no [N, M] buffer.
   // Returns (values, indices, mean, var), each [N, k], sorted by score, ties to the lower index.
   m.def(
       "topk_moments(Tensor x, Tensor y, Tensor x_stats, Tensor y_stats, Tensor? x_var, Tensor? y_var, "
-      "float scale, float bias, float trace_cross, int k, int score, float kappa) "
-      "-> (Tensor values, Tensor indices, Tensor mean, Tensor var)");
+      "float scale, float bias, float trace_cross, int k, int score, float kappa, Tensor? x_proj=None, "
+      "Tensor? y_proj=None) -> (Tensor values, Tensor indices, Tensor mean, Tensor var)");
 }

@@ -112,6 +112,41 @@ BAYESVLM_EXT_VECTORISE void moments_row(acc_t* __restrict__ mean, acc_t* __restr
   }
 }
 
+// Per-item scalars of the projected variance (stats columns 3 and 4), as contiguous columns.
+template <typename acc_t>
+struct ProjectedScalars {
+  at::Tensor inv_mu_norm, mu_norm_sq, r;  // [rows] each; 1 / ||mu||, ||mu||^2, u^T S u
+
+  explicit ProjectedScalars(const at::Tensor& stats) {
+    if (stats.size(1) < kNumProjectedStats) return;  // no projection: never read
+    inv_mu_norm = stats.select(1, kStatInvMuNorm).contiguous();
+    mu_norm_sq = (inv_mu_norm * inv_mu_norm).reciprocal();
+    r = stats.select(1, kStatProjQuad).contiguous();
+  }
+  const acc_t* at(const at::Tensor& t, int64_t i) const { return t.template const_data_ptr<acc_t>() + i; }
+};
+
+// The projected numerator of one row of pairs, into `num` (SPEC.md section 4, conventions in moments.h):
+// the exact numerator (`num` on entry when kHasVarFeatures, else the Kronecker closed form from the row and
+// column scalars) plus cos (cos (r_x ||mu_y||^2 + ||mu_x||^2 r_y) - 2 h), clamped at 0 (NaN stays NaN).
+template <typename acc_t, bool kHasVarFeatures>
+BAYESVLM_EXT_VECTORISE void projected_row(acc_t* __restrict__ num, const acc_t* __restrict__ dot,
+                                          const acc_t* __restrict__ h, int64_t cols, const RowScalars<acc_t>& r,
+                                          const ColumnView<acc_t>& c, const ProjectedScalars<acc_t>& xp, int64_t i,
+                                          const ProjectedScalars<acc_t>& yp, int64_t j0) {
+  const acc_t inv_mu_x = *xp.at(xp.inv_mu_norm, i), mu_sq_x = *xp.at(xp.mu_norm_sq, i), r_x = *xp.at(xp.r, i);
+  const acc_t* inv_mu_y = yp.at(yp.inv_mu_norm, j0);
+  const acc_t* mu_sq_y = yp.at(yp.mu_norm_sq, j0);
+  const acc_t* r_y = yp.at(yp.r, j0);
+#pragma omp simd
+  for (int64_t j = 0; j < cols; ++j) {
+    const acc_t base = kHasVarFeatures ? num[j] : r.quad * c.alpha[j] + r.alpha * c.quad_plus[j];
+    const acc_t cos = dot[j] * inv_mu_x * inv_mu_y[j];
+    const acc_t value = base + cos * (cos * (r_x * mu_sq_y[j] + mu_sq_x * r_y[j]) - acc_t(2) * h[j]);
+    num[j] = value < acc_t(0) ? acc_t(0) : value;
+  }
+}
+
 template <typename acc_t>
 inline acc_t probit_logit(acc_t mean, acc_t var) {
   return mean / std::sqrt(acc_t(1) + static_cast<acc_t>(kPiOver8) * var);
@@ -156,8 +191,10 @@ std::tuple<at::Tensor, at::Tensor> pairwise_moments_cpu(const at::Tensor& x, con
                                                        const at::Tensor& x_stats, const at::Tensor& y_stats,
                                                        const std::optional<at::Tensor>& x_var,
                                                        const std::optional<at::Tensor>& y_var, double scale,
-                                                       double bias, double trace_cross, int64_t output) {
-  check_pairwise_inputs("pairwise_moments", x, y, x_stats, y_stats, x_var, y_var);
+                                                       double bias, double trace_cross, int64_t output,
+                                                       const std::optional<at::Tensor>& x_proj,
+                                                       const std::optional<at::Tensor>& y_proj) {
+  check_pairwise_inputs("pairwise_moments", x, y, x_stats, y_stats, x_var, y_var, x_proj, y_proj);
   check_pairwise_scalars("pairwise_moments", scale, bias, trace_cross);
   check_moments_output(output);
   const auto acc = moments_acc_dtype(x.scalar_type());
@@ -169,29 +206,47 @@ std::tuple<at::Tensor, at::Tensor> pairwise_moments_cpu(const at::Tensor& x, con
   advise_huge_pages(var);
   // O((N + M) D) conversions, small beside the [N, M] outputs; no-ops for contiguous acc-dtype input.
   const at::Tensor xa = x.to(acc).contiguous(), ya = y.to(acc).contiguous();
-  const bool has_var = x_var.has_value();
+  const bool has_var = x_var.has_value(), projected = x_proj.has_value();
   const at::Tensor xv = has_var ? x_var->contiguous() : at::Tensor();
   const at::Tensor yv = has_var ? y_var->contiguous() : at::Tensor();
+  const at::Tensor xp = projected ? x_proj->contiguous() : at::Tensor();
+  const at::Tensor yp = projected ? y_proj->contiguous() : at::Tensor();
   const int64_t row_tiles = (n + kTileRows - 1) / kTileRows, col_tiles = (m + kTileCols - 1) / kTileCols;
 
   AT_DISPATCH_FLOATING_TYPES(acc, "pairwise_moments_cpu", [&] {
     using acc_t = scalar_t;
     const SideScalars<acc_t> xs(x_stats, trace_cross), ys(y_stats, trace_cross);
-    dispatch_moments_variant(has_var, output, [&]<bool kHasVar, MomentsOutput kOutput>() {
+    const ProjectedScalars<acc_t> xps(x_stats), yps(y_stats);
+    // The projected numerator is written into the var output first, then read like var features.
+    dispatch_moments_variant(has_var || projected, output, [&]<bool kHasVar, MomentsOutput kOutput>() {
       at::parallel_for(0, row_tiles * col_tiles, 1, [&](int64_t begin, int64_t end) {
+        at::Tensor h_tile = projected ? at::empty({kTileRows, kTileCols}, x.options().dtype(acc)) : at::Tensor();
         for (int64_t tile = begin; tile < end; ++tile) {
           const int64_t i0 = (tile / col_tiles) * kTileRows, j0 = (tile % col_tiles) * kTileCols;
           const int64_t rows = std::min(kTileRows, n - i0), cols = std::min(kTileCols, m - j0);
           at::Tensor first_block = first.narrow(0, i0, rows).narrow(1, j0, cols);  // strided view, ld = M
           at::Tensor var_block = var.narrow(0, i0, rows).narrow(1, j0, cols);
           at::mm_out(first_block, xa.narrow(0, i0, rows), ya.narrow(0, j0, cols).t());
-          if constexpr (kHasVar) at::mm_out(var_block, xv.narrow(0, i0, rows), yv.narrow(0, j0, cols).t());
+          if (has_var) at::mm_out(var_block, xv.narrow(0, i0, rows), yv.narrow(0, j0, cols).t());
+          if (projected) {
+            at::Tensor h_block = h_tile.narrow(0, 0, rows).narrow(1, 0, cols);  // ld = kTileCols
+            at::mm_out(h_block, xp.narrow(0, i0, rows), yp.narrow(0, j0, cols).t());
+          }
           const ColumnView<acc_t> columns(ys, j0);
           acc_t* first_ptr = first.mutable_data_ptr<acc_t>();
           acc_t* var_ptr = var.mutable_data_ptr<acc_t>();
           for (int64_t i = i0; i < i0 + rows; ++i) {
             acc_t* first_row = first_ptr + i * m + j0;
             acc_t* var_row = var_ptr + i * m + j0;
+            if (projected) {
+              const acc_t* h_row = h_tile.const_data_ptr<acc_t>() + (i - i0) * kTileCols;
+              const RowScalars<acc_t> rs = row_scalars(xs, i, scale);
+              if (has_var) {
+                projected_row<acc_t, true>(var_row, first_row, h_row, cols, rs, columns, xps, i, yps, j0);
+              } else {
+                projected_row<acc_t, false>(var_row, first_row, h_row, cols, rs, columns, xps, i, yps, j0);
+              }
+            }
             moments_row<acc_t, kHasVar>(first_row, var_row, cols, row_scalars(xs, i, scale), columns,
                                         static_cast<acc_t>(bias));
             transform_row<acc_t, kOutput>(first_row, var_row, cols);
@@ -289,8 +344,9 @@ void dispatch_topk_variant(bool has_var, int64_t score, Fn&& fn) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_moments_cpu(
     const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_stats, const at::Tensor& y_stats,
     const std::optional<at::Tensor>& x_var, const std::optional<at::Tensor>& y_var, double scale, double bias,
-    double trace_cross, int64_t k, int64_t score, double kappa) {
-  check_pairwise_inputs("topk_moments", x, y, x_stats, y_stats, x_var, y_var);
+    double trace_cross, int64_t k, int64_t score, double kappa, const std::optional<at::Tensor>& x_proj,
+    const std::optional<at::Tensor>& y_proj) {
+  check_pairwise_inputs("topk_moments", x, y, x_stats, y_stats, x_var, y_var, x_proj, y_proj);
   check_pairwise_scalars("topk_moments", scale, bias, trace_cross);
   check_topk_args(k, y.size(0), score, kappa);
   const auto acc = moments_acc_dtype(x.scalar_type());
@@ -301,10 +357,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_moments_cpu(
   at::Tensor indices = at::empty({n, k}, x.options().dtype(at::kLong));
   if (n == 0 || k == 0) return {values, indices, mean, var};
 
-  const bool has_var = x_var.has_value();
+  const bool has_var = x_var.has_value(), projected = x_proj.has_value();
   const at::Tensor xa = x.to(acc).contiguous();  // queries: O(N D), the caller's own size
   const at::Tensor xv = has_var ? x_var->contiguous() : at::Tensor();
   const at::Tensor yv = has_var ? y_var->contiguous() : at::Tensor();  // the gallery's stored features
+  const at::Tensor xp = projected ? x_proj->contiguous() : at::Tensor();
+  const at::Tensor yp = projected ? y_proj->contiguous() : at::Tensor();
   const bool convert_gallery = y.scalar_type() != acc;  // converted tile by tile, never as a whole
 
   const int64_t query_blocks = (n + kQueryBlock - 1) / kQueryBlock;
@@ -321,10 +379,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_moments_cpu(
   AT_DISPATCH_FLOATING_TYPES(acc, "topk_moments_cpu", [&] {
     using acc_t = scalar_t;
     const SideScalars<acc_t> xs(x_stats, trace_cross), ys(y_stats, trace_cross);
-    dispatch_topk_variant(has_var, score, [&]<bool kHasVar, TopkScore kScore>() {
+    const ProjectedScalars<acc_t> xps(x_stats), yps(y_stats);
+    // The projected numerator fills the var-features buffer, then is read like var features.
+    dispatch_topk_variant(has_var || projected, score, [&]<bool kHasVar, TopkScore kScore>() {
       at::parallel_for(0, query_blocks * segments, 1, [&](int64_t begin, int64_t end) {
         at::Tensor dots = at::empty({kQueryBlock, kGalleryTile}, acc_options);  // the tile buffer
         at::Tensor dot_vars = at::empty({kHasVar ? kQueryBlock : 0, kGalleryTile}, acc_options);
+        at::Tensor hs = at::empty({projected ? kQueryBlock : 0, kGalleryTile}, acc_options);
         std::vector<acc_t> row_score(kGalleryTile), row_var(kGalleryTile);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t block = task / segments, segment = task % segments;
@@ -348,15 +409,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_moments_cpu(
             if (convert_gallery) tile = tile.to(acc);
             at::Tensor dot_block = dots.narrow(0, 0, queries).narrow(1, 0, cols);
             at::mm_out(dot_block, xq, tile.t());
-            if constexpr (kHasVar) {
+            if (has_var) {
               at::Tensor dot_var_block = dot_vars.narrow(0, 0, queries).narrow(1, 0, cols);
               at::mm_out(dot_var_block, xv.narrow(0, q0, queries), yv.narrow(0, g0, cols).t());
+            }
+            if (projected) {
+              at::Tensor h_block = hs.narrow(0, 0, queries).narrow(1, 0, cols);
+              at::mm_out(h_block, xp.narrow(0, q0, queries), yp.narrow(0, g0, cols).t());
             }
             const ColumnView<acc_t> columns(ys, g0);
             for (int64_t r = 0; r < queries; ++r) {
               acc_t* row_mean = dots.mutable_data_ptr<acc_t>() + r * kGalleryTile;  // dots -> means in place
               acc_t* row_dot_var = kHasVar ? dot_vars.mutable_data_ptr<acc_t>() + r * kGalleryTile : nullptr;
               acc_t* row_v = kHasVar ? row_dot_var : row_var.data();
+              if (projected) {
+                const acc_t* h_row = hs.const_data_ptr<acc_t>() + r * kGalleryTile;
+                const RowScalars<acc_t> rs = row_scalars(xs, q0 + r, scale);
+                if (has_var) {
+                  projected_row<acc_t, true>(row_v, row_mean, h_row, cols, rs, columns, xps, q0 + r, yps, g0);
+                } else {
+                  projected_row<acc_t, false>(row_v, row_mean, h_row, cols, rs, columns, xps, q0 + r, yps, g0);
+                }
+              }
               moments_row<acc_t, kHasVar>(row_mean, row_v, cols, row_scalars(xs, q0 + r, scale), columns,
                                           static_cast<acc_t>(bias));
               score_row<acc_t, kScore>(row_score.data(), row_mean, row_v, cols, static_cast<acc_t>(kappa));

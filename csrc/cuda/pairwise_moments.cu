@@ -23,6 +23,11 @@
 // the device's shared memory (fp32: always on sm_80/sm_90; fp64: k <= 90 on H100, 54 on A100).
 // Larger k streams through pairwise chunks of the gallery and a stable ATen sort instead
 // (topk_streaming_fallback).
+//
+// The "projected" variance (projection features, moments.h) is not in the fused kernels yet: it runs the
+// fused kernel for the mean and the published variance, then cuBLAS GEMMs for the dot products and the
+// projection term and ATen element-wise ops for the correction (projected_moments_aten), with [N, M]
+// temporaries; its top-k always streams through the fallback, a chunk of the gallery at a time.
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -578,6 +583,36 @@ void launch_pairwise_moments(const PairwiseMomentsParams& params, c10::ScalarTyp
   });
 }
 
+// mean and var [N, M] of the projected variant (moments.h): the fused kernel with the first three stats
+// columns gives the mean and the published variance; the correction cos (cos radial - 2 h) is added in
+// the logit scale, s^2 c^2 per pair, and clamped at 0 (NaN stays NaN), as the CPU kernel does.
+std::tuple<at::Tensor, at::Tensor> projected_moments_aten(const at::Tensor& x, const at::Tensor& y,
+                                                          const at::Tensor& xs, const at::Tensor& ys,
+                                                          const at::Tensor& xv, const at::Tensor& yv,
+                                                          const at::Tensor& xp, const at::Tensor& yp, double scale,
+                                                          double bias, double trace_cross, cudaStream_t stream) {
+  const auto acc = moments_acc_dtype(x.scalar_type());
+  const int64_t n = x.size(0), m = y.size(0);
+  at::Tensor mean = at::empty({n, m}, x.options().dtype(acc));  // [N, M]
+  at::Tensor var = at::empty({n, m}, x.options().dtype(acc));   // [N, M]
+  const at::Tensor xs3 = xs.narrow(1, 0, kNumStats).contiguous(), ys3 = ys.narrow(1, 0, kNumStats).contiguous();
+  const PairwiseMomentsParams params{
+      make_pairwise_params(x, y, xs3, ys3, xv.defined() ? &xv : nullptr, yv.defined() ? &yv : nullptr, scale, bias,
+                           trace_cross),
+      static_cast<int64_t>(MomentsOutput::kMean), mean.mutable_data_ptr(), var.mutable_data_ptr()};
+  launch_pairwise_moments(params, x.scalar_type(), xv.defined(), stream);
+  const at::Tensor dot = x.to(acc).mm(y.to(acc).t());  // [N, M]
+  const at::Tensor h = xp.mm(yp.t());                  // [N, M]
+  const at::Tensor inv_mu_x = xs.select(1, kStatInvMuNorm).unsqueeze(1), inv_mu_y = ys.select(1, kStatInvMuNorm).unsqueeze(0);
+  const at::Tensor r_x = xs.select(1, kStatProjQuad).unsqueeze(1), r_y = ys.select(1, kStatProjQuad).unsqueeze(0);
+  const at::Tensor cos = dot.mul(inv_mu_x).mul(inv_mu_y);
+  const at::Tensor radial = r_x.div(inv_mu_y.square()).add(r_y.div(inv_mu_x.square()));
+  const at::Tensor c2 = xs.select(1, kStatInvNorm).unsqueeze(1).mul(ys.select(1, kStatInvNorm).unsqueeze(0)).square();
+  var.add_(c2.mul(scale * scale).mul(cos).mul(cos.mul(radial).sub(h, 2)));
+  var.clamp_min_(0);  // round-off below 0; NaN propagates
+  return {mean, var};
+}
+
 std::tuple<at::Tensor, at::Tensor> pairwise_moments_cuda(const at::Tensor& x,        // [N, D]
                                                          const at::Tensor& y,        // [M, D]
                                                          const at::Tensor& x_stats,  // [N, 3]
@@ -585,8 +620,10 @@ std::tuple<at::Tensor, at::Tensor> pairwise_moments_cuda(const at::Tensor& x,   
                                                          const std::optional<at::Tensor>& x_var,  // [N, K]
                                                          const std::optional<at::Tensor>& y_var,  // [M, K]
                                                          double scale, double bias, double trace_cross,
-                                                         int64_t output) {
-  check_pairwise_inputs("pairwise_moments", x, y, x_stats, y_stats, x_var, y_var);
+                                                         int64_t output,
+                                                         const std::optional<at::Tensor>& x_proj,  // [N, K2]
+                                                         const std::optional<at::Tensor>& y_proj) {
+  check_pairwise_inputs("pairwise_moments", x, y, x_stats, y_stats, x_var, y_var, x_proj, y_proj);
   check_pairwise_scalars("pairwise_moments", scale, bias, trace_cross);
   check_moments_output(output);
   const c10::cuda::CUDAGuard device_guard(x.device());
@@ -599,6 +636,17 @@ std::tuple<at::Tensor, at::Tensor> pairwise_moments_cuda(const at::Tensor& x,   
   const at::Tensor xs = x_stats.contiguous(), ys = y_stats.contiguous();
   at::Tensor xv, yv;
   if (x_var.has_value()) xv = x_var->contiguous(), yv = y_var->contiguous();
+  if (x_proj.has_value()) {
+    auto [mean, projected_var] = projected_moments_aten(x, y, xs, ys, xv, yv, x_proj->contiguous(),
+                                                        y_proj->contiguous(), scale, bias, trace_cross,
+                                                        c10::cuda::getCurrentCUDAStream());
+    at::Tensor probit = output == static_cast<int64_t>(MomentsOutput::kMean)
+                            ? mean
+                            : mean.div(projected_var.mul(kPiOver8).add(1).sqrt());
+    first.copy_(output == static_cast<int64_t>(MomentsOutput::kSigmoidProbit) ? probit.sigmoid() : probit);
+    var.copy_(projected_var);
+    return {first, var};
+  }
   const PairwiseMomentsParams params{
       make_pairwise_params(x, y, xs, ys, xv.defined() ? &xv : nullptr, yv.defined() ? &yv : nullptr, scale, bias,
                            trace_cross),
@@ -671,9 +719,10 @@ at::Tensor nan_last_order(const at::Tensor& key) {
 // block of the gallery at a time, and a stable descending sort of [running top-k | chunk] keeps the
 // best k. Running candidates always have the lower indices, so the stable sort keeps ties by index.
 void topk_streaming_fallback(const at::Tensor& x, const at::Tensor& y, const at::Tensor& xs, const at::Tensor& ys,
-                             const at::Tensor& xv, const at::Tensor& yv, double scale, double bias,
-                             double trace_cross, int64_t k, int64_t score, double kappa, at::Tensor& values,
-                             at::Tensor& indices, at::Tensor& mean_out, at::Tensor& var_out, cudaStream_t stream) {
+                             const at::Tensor& xv, const at::Tensor& yv, const at::Tensor& xp, const at::Tensor& yp,
+                             double scale, double bias, double trace_cross, int64_t k, int64_t score, double kappa,
+                             at::Tensor& values, at::Tensor& indices, at::Tensor& mean_out, at::Tensor& var_out,
+                             cudaStream_t stream) {
   const int64_t n = x.size(0), m = y.size(0);
   const int64_t chunk = std::clamp<int64_t>((int64_t{1} << 26) / n / kTile * kTile, 1024, 8192);
   at::Tensor run_key, run_index, run_mean, run_var;  // [N, <= k], sorted
@@ -683,11 +732,16 @@ void topk_streaming_fallback(const at::Tensor& x, const at::Tensor& y, const at:
     at::Tensor var = at::empty({n, len}, values.options());
     const at::Tensor y_chunk = y.narrow(0, c0, len), ys_chunk = ys.narrow(0, c0, len);
     const at::Tensor yv_chunk = yv.defined() ? yv.narrow(0, c0, len) : at::Tensor();
-    const PairwiseMomentsParams params{
-        make_pairwise_params(x, y_chunk, xs, ys_chunk, xv.defined() ? &xv : nullptr,
-                             yv.defined() ? &yv_chunk : nullptr, scale, bias, trace_cross),
-        static_cast<int64_t>(MomentsOutput::kMean), mean.mutable_data_ptr(), var.mutable_data_ptr()};
-    launch_pairwise_moments(params, x.scalar_type(), xv.defined(), stream);
+    if (xp.defined()) {
+      std::tie(mean, var) = projected_moments_aten(x, y_chunk, xs, ys_chunk, xv, yv_chunk, xp, yp.narrow(0, c0, len),
+                                                   scale, bias, trace_cross, stream);
+    } else {
+      const PairwiseMomentsParams params{
+          make_pairwise_params(x, y_chunk, xs, ys_chunk, xv.defined() ? &xv : nullptr,
+                               yv.defined() ? &yv_chunk : nullptr, scale, bias, trace_cross),
+          static_cast<int64_t>(MomentsOutput::kMean), mean.mutable_data_ptr(), var.mutable_data_ptr()};
+      launch_pairwise_moments(params, x.scalar_type(), xv.defined(), stream);
+    }
     at::Tensor key = topk_key_aten(mean, var, score, kappa);
     at::Tensor index = at::arange(c0, c0 + len, indices.options()).expand({n, len});
     if (run_key.defined()) {
@@ -716,8 +770,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_moments_cuda(
     const at::Tensor& y_stats,                // [M, 3]
     const std::optional<at::Tensor>& x_var,  // [N, K]
     const std::optional<at::Tensor>& y_var,  // [M, K]
-    double scale, double bias, double trace_cross, int64_t k, int64_t score, double kappa) {
-  check_pairwise_inputs("topk_moments", x, y, x_stats, y_stats, x_var, y_var);
+    double scale, double bias, double trace_cross, int64_t k, int64_t score, double kappa,
+    const std::optional<at::Tensor>& x_proj,  // [N, K2]
+    const std::optional<at::Tensor>& y_proj) {
+  check_pairwise_inputs("topk_moments", x, y, x_stats, y_stats, x_var, y_var, x_proj, y_proj);
   check_pairwise_scalars("topk_moments", scale, bias, trace_cross);
   const int64_t n = x.size(0), m = y.size(0);
   check_topk_args(k, m, score, kappa);
@@ -731,12 +787,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_moments_cuda(
   const int device = x.device().index();
   check_device("topk_moments", device);
   const at::Tensor xs = x_stats.contiguous(), ys = y_stats.contiguous();
-  at::Tensor xv, yv;
+  at::Tensor xv, yv, xp, yp;
   if (x_var.has_value()) xv = x_var->contiguous(), yv = y_var->contiguous();
+  if (x_proj.has_value()) xp = x_proj->contiguous(), yp = y_proj->contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   bool fused = false;
-  if (k <= kMaxFusedK && m <= std::numeric_limits<int32_t>::max()) {  // list indices are int32
+  if (!xp.defined() && k <= kMaxFusedK && m <= std::numeric_limits<int32_t>::max()) {  // list indices are int32
     const TopkParams params{make_pairwise_params(x, y, xs, ys, xv.defined() ? &xv : nullptr,
                                                  yv.defined() ? &yv : nullptr, scale, bias, trace_cross),
                             k,
@@ -754,8 +811,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_moments_cuda(
     });
   }
   if (!fused) {
-    topk_streaming_fallback(x, y, xs, ys, xv, yv, scale, bias, trace_cross, k, score, kappa, values, indices, mean,
-                            var, stream);
+    topk_streaming_fallback(x, y, xs, ys, xv, yv, xp, yp, scale, bias, trace_cross, k, score, kappa, values, indices,
+                            mean, var, stream);
   }
   return {values, indices, mean, var};
 }
