@@ -29,8 +29,9 @@ def relative_errors(var, mc):
     return float(rel.median()), float(rel.max())
 
 
+@pytest.mark.parametrize("device", devices, ids=str)
 @pytest.mark.parametrize("damping", ["kron", "exact"])
-def test_projected_variance_matches_monte_carlo_over_weight_samples_at_every_rho(damping):
+def test_projected_variance_matches_monte_carlo_over_weight_samples_at_every_rho(damping, device):
     g = torch.Generator().manual_seed(1)
     (Ax, Bx, Wx, bx), (Ay, By, Wy, by) = towers(g)
     phi_x = torch.randn(N, P, generator=g, dtype=torch.float64)
@@ -46,8 +47,9 @@ def test_projected_variance_matches_monte_carlo_over_weight_samples_at_every_rho
         gx = torch.nn.functional.normalize(torch.einsum("kdp,np->knd", wx, phi_x) + bxs[:, None], dim=2)
         gy = torch.nn.functional.normalize(torch.einsum("kdp,np->knd", wy, phi_y) + bys[:, None], dim=2)
         mc = torch.einsum("knd,kmd->knm", gx, gy).var(0)  # logit scale 1: the cosine's variance
-        median, worst = relative_errors(cosine_moments(x, y, 0.0, variant="projected")[1], mc)
-        _, published_worst = relative_errors(cosine_moments(x, y, 0.0)[1], mc)
+        x, y = x.to(device), y.to(device)  # the moments on this backend; Monte Carlo on the CPU
+        median, worst = relative_errors(cosine_moments(x, y, 0.0, variant="projected")[1].cpu(), mc)
+        _, published_worst = relative_errors(cosine_moments(x, y, 0.0)[1].cpu(), mc)
         assert median <= 0.10, (rho, median)
         if rho >= 100:
             assert worst <= 0.10, (rho, worst)
@@ -56,7 +58,8 @@ def test_projected_variance_matches_monte_carlo_over_weight_samples_at_every_rho
     assert min(seen) < 1 and max(seen) > 1e3  # the grid spans small and large rho
 
 
-def test_projected_variance_of_diagonal_gaussians_matches_monte_carlo():
+@pytest.mark.parametrize("device", devices, ids=str)
+def test_projected_variance_of_diagonal_gaussians_matches_monte_carlo(device):
     g = torch.Generator().manual_seed(4)
     for spread in (1.0, 0.1, 0.01):  # rho = ||mu||^2 / tr(S) about 2, 200, 2e4
         mx = torch.randn(N, D, generator=g, dtype=torch.float64)
@@ -68,7 +71,8 @@ def test_projected_variance_of_diagonal_gaussians_matches_monte_carlo():
         sy = my + vy.sqrt() * torch.randn(SAMPLES, M, D, generator=g, dtype=torch.float64)
         cos = torch.einsum("knd,kmd->knm", torch.nn.functional.normalize(sx, dim=2),
                            torch.nn.functional.normalize(sy, dim=2))
-        median, worst = relative_errors(cosine_moments(x, y, 0.0, variant="projected")[1], cos.var(0))
+        var = cosine_moments(x.to(device), y.to(device), 0.0, variant="projected")[1].cpu()
+        median, worst = relative_errors(var, cos.var(0))
         assert median <= 0.10, (spread, median, worst)
 
 
