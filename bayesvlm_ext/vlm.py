@@ -23,6 +23,9 @@ for finer control.
 A saved BayesVLM is the directory `bayesvlm-ext fit` writes: `posterior_image/`, `posterior_text/`
 (`KronPosterior.save`), `bayesvlm/` (the published factor format of SPEC 10, readable by the reference
 code) and `bayesvlm.json` (logit scale and bias, likelihood, number of pairs).
+
+Over 400 lines for one reason: it is the one class a user holds, and each of its dozen methods (a few lines
+over the functions above, plus their argument checks) belongs on it.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ def test_demo_prints_and_writes_its_results(tmp_path):
     out = run("-m", "bayesvlm_ext.demo", "--out", str(tmp_path))
     results = json.load(open(tmp_path / "results.json"))
     for domain in ("in_domain", "shifted"):
-        for method in ("map", "bayesvlm_probit", "bayesvlm_mc", "probvlm"):
+        for method in ("map", "bayesvlm_probit", "bayesvlm_mc", "bayesvlm_tuned", "probvlm"):
             values = results["zero_shot"][domain][method]
             assert set(values) == {"acc", "nlpd", "ece"}
             assert f"{domain:<10} {method:<18} {values['acc']:>8.4f} {values['nlpd']:>8.4f}" in out  # table = file
@@ -40,22 +40,54 @@ def test_demo_prints_and_writes_its_results(tmp_path):
                 assert -1 <= values["spearman"] <= 1
                 bins = results["uncertainty_bins"][method][direction]["recall@1"]
                 assert len(bins) == 10 and all(0 <= r <= 1 for r in bins)
-    # The adapters learnt something, and the demo reports which part of ProbVLM's uncertainty ranks queries.
-    assert results["probvlm"]["best_val_loss"] < results["probvlm"]["first_val_loss"]
+    # Selective prediction (SPEC 11) for both tasks, both domains and every method.
+    for task, methods in (("zero_shot", {"map", "bayesvlm", "bayesvlm_tuned", "probvlm"}),
+                          ("retrieval", {"map", "bayesvlm", "probvlm"})):
+        for domain in ("in_domain", "shifted"):
+            assert set(results["selective"][task][domain]) == methods
+            for method, values in results["selective"][task][domain].items():
+                assert set(values) == {"aurc", "eaurc", "auroc"}
+                assert -1e-12 <= values["eaurc"] <= values["aurc"] <= 1
+                assert values["auroc"] is None or 0 <= values["auroc"] <= 1
+                assert f"{task:<10} {domain:<10} {method:<16} {values['aurc']:>8.4f} {values['eaurc']:>8.4f}" in out
+    # The pseudo-count search: one NLPD and one lambda per tower at each n of the grid, the best one chosen.
+    tuning = results["tuning"]
+    grid = tuning["pseudo_counts"]
+    assert len(tuning["nlpd"]) == len(grid) == len(tuning["prior_precisions"]["image"]) > 1
+    assert tuning["pseudo_count"] == grid[tuning["best"]] and tuning["nlpd"][tuning["best"]] == min(tuning["nlpd"])
+    # ProbVLM: every candidate over >= 3 seeds, the choice by the validation criterion, and the spread reported.
+    selection = results["probvlm"]["selection"]
+    assert len(selection["seeds"]) >= 3 and len(selection["candidates"]) >= 2
+    criterion = selection["criterion"]
+    chosen = selection["candidates"][selection["chosen"]]
+    assert all(chosen["mean"][criterion] >= c["mean"][criterion] for c in selection["candidates"].values())
+    for candidate in selection["candidates"].values():
+        assert len(candidate["per_seed"]) == len(selection["seeds"])
+        assert all(run["best_val_loss"] < run["first_val_loss"] for run in candidate["per_seed"])  # they learnt
+    assert len(results["probvlm"]["per_seed"]) == len(selection["seeds"])
+    assert results["probvlm"]["std"]["retrieval"]["image_to_text"]["spearman"] >= 0
     assert set(results["probvlm"]["spearman_by_part"]) == {"total", "aleatoric", "epistemic"}
-    curves = results["active_learning"]
-    assert set(curves) == {"epig", "bald", "entropy", "random"}
-    for method, curve in curves.items():
-        assert [row[0] for row in curve] == [0, 25, 50, 100, 200, 400]
-        assert curve[0][1] == curves["random"][0][1]  # every method starts from the same zero-shot model
-        for labels, mean, std in curve:
-            assert 0 <= mean <= 1 and std >= 0
-            assert f"{mean:>8.4f} +-{std:.3f}" in out  # table = file
-    for name in ("reliability.png", "uncertainty_recall.png", "active_learning.png"):
+    # Active learning on the mixed pool: both selections, every method, >= 5 seeds, the target-domain share.
+    active = results["active_learning"]
+    assert results["settings"]["active_learning"]["seeds"] >= 5
+    for selection_name in ("top", "class_balanced"):
+        curves = active["accuracy"][selection_name]
+        assert set(curves) == {"epig", "bald", "entropy", "random"}
+        for method, curve in curves.items():
+            assert [row[0] for row in curve] == [0, 25, 50, 100, 200, 400]
+            assert curve[0][1] == curves["random"][0][1]  # every method starts from the same zero-shot model
+            for labels, mean, std in curve:
+                assert 0 <= mean <= 1 and std >= 0
+                assert f"{mean:>8.4f} +-{std:.3f}" in out  # table = file
+            fractions = active["target_fraction"][selection_name][method]
+            assert [row[0] for row in fractions] == [25, 50, 100, 200, 400]
+            assert all(0 <= mean <= 1 for _, mean, _ in fractions)
+            assert len(active["per_seed"][selection_name][method]) == results["settings"]["active_learning"]["seeds"]
+    for name in ("reliability.png", "uncertainty_recall.png", "risk_coverage.png", "active_learning.png"):
         with open(tmp_path / name, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert {"default_model", "fit_posterior", "probvlm_fit", "zero_shot", "retrieval", "active_learning", "plots",
-            "total"} <= set(results["timings"])
+    assert {"default_model", "fit_posterior", "tune_pseudo_count", "probvlm_fit", "zero_shot", "retrieval",
+            "active_learning", "plots", "total"} <= set(results["timings"])
 
 
 CALIBRATE = os.path.join("python", "calibrate.py")
