@@ -87,10 +87,11 @@ def _pair_logit_moments(x, y, x_stats, y_stats, x_var, y_var, scale, bias, trace
     if x_proj is not None:  # the projected variance: the radial part of each side removed (SPEC.md section 4)
         inv_mu_x, r_x = x_stats[:, 3], x_stats[:, 4]
         inv_mu_y, r_y = y_stats[:, 3], y_stats[:, 4]
+        mu_x, mu_y = 1 / inv_mu_x, 1 / inv_mu_y  # ||mu||
         cos = dots * inv_mu_x[:, None] * inv_mu_y[None, :]
-        sq_mu_x, sq_mu_y = 1 / (inv_mu_x * inv_mu_x), 1 / (inv_mu_y * inv_mu_y)
-        radial = r_x[:, None] * sq_mu_y[None, :] + sq_mu_x[:, None] * r_y[None, :]
-        dot_var = dot_var + cos * (cos * radial - 2 * (x_proj @ y_proj.T))
+        radial = r_x[:, None] * (mu_y * mu_y)[None, :] + (mu_x * mu_x)[:, None] * r_y[None, :]
+        h = (x_proj @ y.T) * mu_y[None, :] + mu_x[:, None] * (x @ y_proj.T)
+        dot_var = dot_var + cos * (cos * radial - 2 * h)
         dot_var = torch.where(dot_var < 0, torch.zeros_like(dot_var), dot_var)  # round-off below 0; NaN stays
     c = inv_x[:, None] * inv_y[None, :]
     return scale * dots * c + bias, (scale * scale) * dot_var * (c * c)
@@ -107,8 +108,8 @@ def pairwise_moments(
     bias: float,
     trace_cross: float,
     output: int,  # 0 mean, 1 probit logit, 2 sigmoid probit
-    x_proj: Tensor | None = None,  # [N, K2] projection features ("projected" variance; stats then [N, 5])
-    y_proj: Tensor | None = None,  # [M, K2]
+    x_proj: Tensor | None = None,  # [N, D] S_x u_x of the "projected" variance (stats then [N, 5])
+    y_proj: Tensor | None = None,  # [M, D] S_y u_y
 ) -> tuple[Tensor, Tensor]:  # first [N, M], var [N, M]
     """Logit moments of every pair, written out densely (SPEC.md sections 4 and 5)."""
     mean, var = _pair_logit_moments(x, y, x_stats, y_stats, x_var, y_var, scale, bias, trace_cross, x_proj, y_proj)
@@ -153,8 +154,8 @@ def topk_moments(
     k: int,
     score: int,  # 0 mean, 1 pessimistic, 2 optimistic, 3 probit
     kappa: float,
-    x_proj: Tensor | None = None,  # [N, K2] ("projected" variance)
-    y_proj: Tensor | None = None,  # [M, K2]
+    x_proj: Tensor | None = None,  # [N, D] ("projected" variance)
+    y_proj: Tensor | None = None,  # [M, D]
     chunk: int = 8192,  # gallery rows scored at a time: memory O(N (k + chunk))
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # values, indices, mean, var: [N, k] each
     """The k best gallery items per query, ties to the lower index, streaming over the gallery.

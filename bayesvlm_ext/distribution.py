@@ -48,19 +48,22 @@ class EmbeddingDistribution:
       sq_norm         [N]      ||mean_i||^2
       cross_quad      [N]      mean_i^T cross_shared mean_i
       cross_shared    [D, D]   the other tower's shared matrix that cross_quad was computed against
+      projection      (S u [N, D], 1 / ||mu|| [N], u^T S u [N]) for the "projected" variance, or None
     A gallery keeps them so that scoring and top-k cost O(M) per query on top of the mean GEMM.
     `alpha`, `shared`, `shared_eigvals`, `basis`, `k` and `variances` read the covariance's tensor of that
     name (None where its form has none).
     """
 
     def __init__(self, mean: Tensor, covariance: Covariance, *, sq_norm: Tensor | None = None,
-                 cross_quad: Tensor | None = None, cross_shared: Tensor | None = None):
+                 cross_quad: Tensor | None = None, cross_shared: Tensor | None = None,
+                 projection: tuple[Tensor, Tensor, Tensor] | None = None):
         """Unchecked (the embedding ops build one per batch); the `kron`, `eigen` and `diagonal` constructors check."""
         self.mean = mean
         self.covariance = covariance
         self.sq_norm = sq_norm
         self.cross_quad = cross_quad
         self.cross_shared = cross_shared
+        self.projection = projection
 
     # ---- constructors -------------------------------------------------------------------------
     @classmethod
@@ -140,7 +143,9 @@ class EmbeddingDistribution:
     def take(self, rows) -> "EmbeddingDistribution":
         """Items `rows` (a slice, index tensor or mask) with their cached statistics; shared parts are not copied."""
         return EmbeddingDistribution(self.mean[rows], self.covariance.take(rows), sq_norm=_rows(self.sq_norm, rows),
-                                     cross_quad=_rows(self.cross_quad, rows), cross_shared=self.cross_shared)
+                                     cross_quad=_rows(self.cross_quad, rows), cross_shared=self.cross_shared,
+                                     projection=None if self.projection is None else
+                                     tuple(t[rows] for t in self.projection))
 
     __getitem__ = take
 
@@ -149,7 +154,9 @@ class EmbeddingDistribution:
         return EmbeddingDistribution(self.mean.to(*args, **kwargs), self.covariance.to(*args, **kwargs),
                                      sq_norm=_move(self.sq_norm, args, kwargs),
                                      cross_quad=_move(self.cross_quad, args, kwargs),
-                                     cross_shared=_move(self.cross_shared, args, kwargs))
+                                     cross_shared=_move(self.cross_shared, args, kwargs),
+                                     projection=None if self.projection is None else
+                                     tuple(t.to(*args, **kwargs) for t in self.projection))
 
     @classmethod
     def cat(cls, parts: Sequence["EmbeddingDistribution"]) -> "EmbeddingDistribution":
@@ -162,19 +169,25 @@ class EmbeddingDistribution:
         keep = all(p.cross_quad is not None and (p.cross_shared is cross or torch.equal(p.cross_shared, cross))
                    for p in parts) if cross is not None else False
         sq_norms = [p.sq_norm for p in parts]
+        projected = all(p.projection is not None for p in parts)
         return cls(torch.cat([p.mean for p in parts]), type(first.covariance).cat([p.covariance for p in parts]),
                    sq_norm=torch.cat(sq_norms) if all(s is not None for s in sq_norms) else None,
                    cross_quad=torch.cat([p.cross_quad for p in parts]) if keep else None,
-                   cross_shared=cross if keep else None)
+                   cross_shared=cross if keep else None,
+                   projection=tuple(torch.cat(ts) for ts in zip(*(p.projection for p in parts))) if projected
+                   else None)
 
     def precompute(
         self,
         against: "EmbeddingDistribution | Tensor | None" = None,  # the other tower's embeddings or shared [D, D]
+        projected: bool = False,  # also cache what the "projected" variance needs (S u, 1 / ||mu||, u^T S u)
     ) -> "EmbeddingDistribution":
         """A copy with the per-item statistics cached: ||mean||^2 and, when `against` is a kron-form
-        distribution (or its shared matrix), mean^T shared mean (SPEC.md section 4). Do this once for a
-        gallery that is scored often."""
+        distribution (or its shared matrix), mean^T shared mean (SPEC.md section 4); with `projected`, the
+        projection statistics too (O(N D^2) once instead of per call). Do this once for a gallery that is scored
+        often."""
         from . import ops  # ops does not import this module; the local import keeps it that way
+        from .moments import projection_statistics  # moments imports this module
 
         dtype = accumulation_dtype(self.mean.dtype)
         mean = self.mean.to(dtype)
@@ -186,8 +199,9 @@ class EmbeddingDistribution:
             check_tensor("against", against, dim=2)
             check_shape("against", against, (self.dim, self.dim), "the other tower's shared [D, D]")
         cross_quad = None if against is None else ops.kron_quadform(self.mean, against.to(dtype))
+        projection = projection_statistics(self, dtype) if projected else None
         return EmbeddingDistribution(self.mean, self.covariance, sq_norm=(mean * mean).sum(-1), cross_quad=cross_quad,
-                                     cross_shared=against)
+                                     cross_shared=against, projection=projection)
 
     def cached_cross_quad(self, shared: Tensor) -> Tensor | None:  # [N] or None
         """The cached mean^T shared mean when it was computed against this very matrix, else None."""

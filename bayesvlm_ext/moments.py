@@ -48,8 +48,8 @@ class PairInputs(NamedTuple):
     x_var: Tensor | None  # [N, 2D] variance features, or None for the Kronecker closed form
     y_var: Tensor | None  # [M, 2D]
     trace_cross: float  # tr(Bx By) of the closed form (0 with variance features)
-    x_proj: Tensor | None = None  # [N, 2D] projection features ("projected"; the stats are then [N, 5])
-    y_proj: Tensor | None = None  # [M, 2D]
+    x_proj: Tensor | None = None  # [N, D] projection features S u ("projected"; the stats are then [N, 5])
+    y_proj: Tensor | None = None  # [M, D]
 
 
 def cosine_moments(
@@ -161,24 +161,36 @@ def _projected(img: EmbeddingDistribution, txt: EmbeddingDistribution, exact: Pa
     With u = mu / ||mu||, Pr = I - u u^T and c = u_x . u_y, the numerator (Pr_x mu_y)^T S_x (Pr_x mu_y) +
     (Pr_y mu_x)^T S_y (Pr_y mu_x) + tr(S_x S_y) is the exact one plus
       c (c (||mu_y||^2 r_x + ||mu_x||^2 r_y) - 2 h),   r = u^T S u,
-      h = (S_x u_x) . (||mu_y|| mu_y) + (||mu_x|| mu_x) . (S_y u_y)
-        = [S_x u_x, ||mu_x|| mu_x] . [||mu_y|| mu_y, S_y u_y]:
-    two per-item scalars (stats columns 3 and 4: 1 / ||mu|| and r) and one GEMM of inner size 2D.
+      h = ||mu_y|| (S_x u_x) . mu_y + ||mu_x|| mu_x . (S_y u_y):
+    two per-item scalars (stats columns 3 and 4: 1 / ||mu|| and r), the per-item vectors S u (the projection
+    features) and two GEMMs of inner size D. A side's S u costs O(N D^2) (kron form): a gallery keeps them
+    from `EmbeddingDistribution.precompute(projected=True)`.
     """
-    def side(dist: EmbeddingDistribution, mean: Tensor, stats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        covariance = dist.covariance.to(stats.dtype)
-        norm = mean.norm(dim=1)
-        unit = mean / norm[:, None]  # a zero mean gives NaN: its scores are NaN and rank last (SPEC.md section 12)
-        applied = covariance.matvec(unit)
-        r = (unit * applied).sum(1)
-        return torch.cat([stats, (1 / norm)[:, None], r[:, None]], dim=1), applied, norm[:, None] * mean
-
     acc = exact.x_stats.dtype
-    x_stats, applied_x, scaled_x = side(img, exact.x.to(acc), exact.x_stats)
-    y_stats, applied_y, scaled_y = side(txt, exact.y.to(acc), exact.y_stats)
-    return exact._replace(x_stats=x_stats.contiguous(), y_stats=y_stats.contiguous(),
-                          x_proj=torch.cat([applied_x, scaled_x], dim=1).contiguous(),
-                          y_proj=torch.cat([scaled_y, applied_y], dim=1).contiguous())
+
+    def side(dist: EmbeddingDistribution, stats: Tensor) -> tuple[Tensor, Tensor]:
+        applied, inv_mu_norm, r = projection_statistics(dist, acc)
+        return torch.cat([stats, inv_mu_norm[:, None], r[:, None]], dim=1).contiguous(), applied.contiguous()
+
+    x_stats, x_proj = side(img, exact.x_stats)
+    y_stats, y_proj = side(txt, exact.y_stats)
+    return exact._replace(x_stats=x_stats, y_stats=y_stats, x_proj=x_proj, y_proj=y_proj)
+
+
+def projection_statistics(
+    dist: EmbeddingDistribution,
+    dtype: torch.dtype,  # the accumulation dtype of the moments
+) -> tuple[Tensor, Tensor, Tensor]:  # S u [N, D], 1 / ||mu|| [N], r = u^T S u [N]
+    """What the projected variance needs of one side: from `dist.projection` when cached, else computed.
+    A zero mean gives 1 / ||mu|| = inf and NaN scores, which rank last (SPEC.md section 12)."""
+    cached = dist.projection
+    if cached is not None and cached[0].dtype == dtype:
+        return cached
+    mean = dist.mean.to(dtype)
+    norm = mean.norm(dim=1)
+    unit = mean / norm[:, None]
+    applied = dist.covariance.to(dtype).matvec(unit)
+    return applied, 1 / norm, (unit * applied).sum(1)
 
 
 def _choose_variant(form_img: CovarianceForm, form_txt: CovarianceForm) -> Variant:

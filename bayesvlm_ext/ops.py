@@ -134,9 +134,8 @@ def _check_pairwise(x, y, x_stats, y_stats, x_var, y_var, x_proj=None, y_proj=No
     _check_acc("x_stats", x_stats, acc, x.device, (x.shape[0], stats), what)
     _check_acc("y_stats", y_stats, acc, x.device, (y.shape[0], stats), what)
     if x_proj is not None:
-        check_tensor("x_proj", x_proj, dim=2)
-        _check_acc("x_proj", x_proj, acc, x.device, (x.shape[0], x_proj.shape[1]))
-        _check_acc("y_proj", y_proj, acc, x.device, (y.shape[0], x_proj.shape[1]), " (K of x_proj)")
+        _check_acc("x_proj", x_proj, acc, x.device, (x.shape[0], x.shape[1]), " (S u per item)")
+        _check_acc("y_proj", y_proj, acc, x.device, (y.shape[0], x.shape[1]), " (S u per item)")
     if (x_var is None) != (y_var is None):
         raise ValueError("arguments 'x_var' and 'y_var' must be given together")
     if x_var is not None:
@@ -162,8 +161,8 @@ def pairwise_moments(
     bias: float,  # logit bias
     trace_cross: float,  # tr(Bx By) (Kronecker form)
     output: int = 0,  # first output: 0 mean logit, 1 probit logit, 2 sigmoid probit
-    x_proj: Tensor | None = None,  # [N, K2] projection features of the "projected" variance; stats then [N, 5]
-    y_proj: Tensor | None = None,  # [M, K2]
+    x_proj: Tensor | None = None,  # [N, D] S u per item, the "projected" variance's features; stats then [N, 5]
+    y_proj: Tensor | None = None,  # [M, D]
 ) -> tuple[Tensor, Tensor]:  # first [N, M], var [N, M], accumulation dtype
     """Logit mean (or its probit transforms) and variance of every pair, fused (SPEC.md sections 4-5)."""
     _check_pairwise(x, y, x_stats, y_stats, x_var, y_var, x_proj, y_proj)
@@ -189,8 +188,8 @@ def topk_moments(
     k: int,  # 0 <= k <= M
     score: int,  # 0 mean, 1 pessimistic, 2 optimistic, 3 probit
     kappa: float,
-    x_proj: Tensor | None = None,  # [N, K2] ("projected" variance)
-    y_proj: Tensor | None = None,  # [M, K2]
+    x_proj: Tensor | None = None,  # [N, D] ("projected" variance)
+    y_proj: Tensor | None = None,  # [M, D]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # values, indices (int64), mean, var: [N, k] each
     """Streaming top-k over the gallery by score, ties to the lower index (SPEC.md section 7). No gradients."""
     _check_pairwise(x, y, x_stats, y_stats, x_var, y_var, x_proj, y_proj)

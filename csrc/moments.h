@@ -11,9 +11,10 @@
 //             when given, Var[x.y] = x_var[i] . y_var[j] (one more GEMM, "exact" / "diag" forms);
 //             otherwise Var[x.y] = ay qx + ax qy + trace_cross ax ay (the Kronecker closed form).
 //   projection features (optional, both or neither; the "projected" variance of SPEC.md section 4)
-//             [N, K2], [M, K2], accumulation dtype, contiguous; the stats are then [rows, 5], columns
-//             3 and 4 = (inv_mu_norm = 1 / ||mu||, r = u^T S u with u = mu / ||mu||), and
-//             Var[x.y] += cos (cos (r_x ||mu_y||^2 + r_y ||mu_x||^2) - 2 x_proj[i] . y_proj[j]),
+//             [N, D], [M, D] = S u per item (u = mu / ||mu||), accumulation dtype, contiguous; the stats
+//             are then [rows, 5], columns 3 and 4 = (inv_mu_norm = 1 / ||mu||, r = u^T S u), and
+//             Var[x.y] += cos (cos (r_x ||mu_y||^2 + r_y ||mu_x||^2) - 2 h),
+//             h = ||mu_y|| x_proj[i] . y[j] + ||mu_x|| x[i] . y_proj[j] (two more GEMMs),
 //             cos = (x[i] . y[j]) inv_mu_norm_x inv_mu_norm_y, clamped at 0 (round-off; NaN stays NaN).
 // and produces, per pair (i, j), with c = inv_norm_x[i] * inv_norm_y[j]:
 //   mean = scale * (x[i] . y[j]) * c + bias,   var = scale^2 * Var[x.y] * c^2.
@@ -142,8 +143,8 @@ inline void check_pairwise_inputs(const char* op, const at::Tensor& x, const at:
   }
   if (x_proj.has_value()) {
     const auto check_proj = [&](const char* name, const at::Tensor& v, int64_t rows) {
-      TORCH_CHECK_VALUE(v.dim() == 2 && v.size(0) == rows, op, ": argument '", name, "' must be [", rows,
-                        ", K2], got shape ", v.sizes());
+      TORCH_CHECK_VALUE(v.dim() == 2 && v.size(0) == rows && v.size(1) == x.size(1), op, ": argument '", name,
+                        "' must be [", rows, ", ", x.size(1), "] (S u per item), got shape ", v.sizes());
       TORCH_CHECK_VALUE(v.scalar_type() == acc, op, ": argument '", name, "' must be ", acc, ", got ",
                         v.scalar_type());
       TORCH_CHECK_VALUE(v.device() == x.device(), op, ": argument '", name, "' must be on ", x.device(), ", got ",
@@ -151,8 +152,6 @@ inline void check_pairwise_inputs(const char* op, const at::Tensor& x, const at:
     };
     check_proj("x_proj", *x_proj, x.size(0));
     check_proj("y_proj", *y_proj, y.size(0));
-    TORCH_CHECK_VALUE(x_proj->size(1) == y_proj->size(1), op, ": arguments 'x_proj' and 'y_proj' must share K2, got ",
-                      x_proj->sizes(), " and ", y_proj->sizes());
   }
 }
 

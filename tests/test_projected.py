@@ -174,3 +174,26 @@ def test_projection_features_are_checked():
                              inputs.x_proj, inputs.y_proj)
     with pytest.raises(ValueError, match="argument 'y_proj'"):
         ops.pairwise_moments(*args, inputs.x_proj, inputs.y_proj[:, :5].contiguous())
+
+
+@needs_extension
+def test_the_compiled_ops_check_projection_features_themselves():
+    inputs = kernel_inputs(torch.float32, "cpu", torch.Generator().manual_seed(8), n=3, m=4)
+    args = (*inputs[:6], 1.0, 0.0, inputs.trace_cross)
+    with pytest.raises(ValueError, match=r"argument 'y_proj' must be \[4, 12\]"):
+        torch.ops.bayesvlm_ext.pairwise_moments(*args, 0, inputs.x_proj, inputs.y_proj[:, :5].contiguous())
+    with pytest.raises(ValueError, match="'x_proj' and 'y_proj' must be given together"):
+        torch.ops.bayesvlm_ext.topk_moments(*args, 2, 0, 1.0, inputs.x_proj, None)
+
+
+def test_a_precomputed_gallery_gives_the_same_projected_scores():
+    g = torch.Generator().manual_seed(9)
+    x = EmbeddingDistribution.diagonal(torch.randn(5, D, generator=g), torch.rand(5, D, generator=g))
+    y = EmbeddingDistribution.diagonal(torch.randn(300, D, generator=g), torch.rand(300, D, generator=g))
+    cached = y.precompute(projected=True)
+    assert cached.projection is not None and cached[:7].projection[0].shape == (7, D)
+    for a, b in zip(topk(x, y, 9, "probit", logit_scale=2.0, variant="projected"),
+                    topk(x, cached, 9, "probit", logit_scale=2.0, variant="projected")):
+        assert torch.equal(a, b)
+    joined = EmbeddingDistribution.cat([cached[:100], cached[100:]])
+    assert all(torch.equal(a, b) for a, b in zip(joined.projection, cached.projection))

@@ -115,12 +115,13 @@ BAYESVLM_EXT_VECTORISE void moments_row(acc_t* __restrict__ mean, acc_t* __restr
 // Per-item scalars of the projected variance (stats columns 3 and 4), as contiguous columns.
 template <typename acc_t>
 struct ProjectedScalars {
-  at::Tensor inv_mu_norm, mu_norm_sq, r;  // [rows] each; 1 / ||mu||, ||mu||^2, u^T S u
+  at::Tensor inv_mu_norm, mu_norm, mu_norm_sq, r;  // [rows] each; 1 / ||mu||, ||mu||, ||mu||^2, u^T S u
 
   explicit ProjectedScalars(const at::Tensor& stats) {
     if (stats.size(1) < kNumProjectedStats) return;  // no projection: never read
     inv_mu_norm = stats.select(1, kStatInvMuNorm).contiguous();
-    mu_norm_sq = (inv_mu_norm * inv_mu_norm).reciprocal();
+    mu_norm = inv_mu_norm.reciprocal();
+    mu_norm_sq = mu_norm * mu_norm;
     r = stats.select(1, kStatProjQuad).contiguous();
   }
   const acc_t* at(const at::Tensor& t, int64_t i) const { return t.template const_data_ptr<acc_t>() + i; }
@@ -128,21 +129,26 @@ struct ProjectedScalars {
 
 // The projected numerator of one row of pairs, into `num` (SPEC.md section 4, conventions in moments.h):
 // the exact numerator (`num` on entry when kHasVarFeatures, else the Kronecker closed form from the row and
-// column scalars) plus cos (cos (r_x ||mu_y||^2 + ||mu_x||^2 r_y) - 2 h), clamped at 0 (NaN stays NaN).
+// column scalars) plus cos (cos (r_x ||mu_y||^2 + ||mu_x||^2 r_y) - 2 h), clamped at 0 (NaN stays NaN), with
+// h = ||mu_y|| sx_j + ||mu_x|| sy_j from the GEMMs sx = x_proj . y and sy = x . y_proj.
 template <typename acc_t, bool kHasVarFeatures>
 BAYESVLM_EXT_VECTORISE void projected_row(acc_t* __restrict__ num, const acc_t* __restrict__ dot,
-                                          const acc_t* __restrict__ h, int64_t cols, const RowScalars<acc_t>& r,
-                                          const ColumnView<acc_t>& c, const ProjectedScalars<acc_t>& xp, int64_t i,
+                                          const acc_t* __restrict__ sx, const acc_t* __restrict__ sy, int64_t cols,
+                                          const RowScalars<acc_t>& r, const ColumnView<acc_t>& c,
+                                          const ProjectedScalars<acc_t>& xp, int64_t i,
                                           const ProjectedScalars<acc_t>& yp, int64_t j0) {
-  const acc_t inv_mu_x = *xp.at(xp.inv_mu_norm, i), mu_sq_x = *xp.at(xp.mu_norm_sq, i), r_x = *xp.at(xp.r, i);
+  const acc_t inv_mu_x = *xp.at(xp.inv_mu_norm, i), mu_x = *xp.at(xp.mu_norm, i);
+  const acc_t mu_sq_x = *xp.at(xp.mu_norm_sq, i), r_x = *xp.at(xp.r, i);
   const acc_t* inv_mu_y = yp.at(yp.inv_mu_norm, j0);
+  const acc_t* mu_y = yp.at(yp.mu_norm, j0);
   const acc_t* mu_sq_y = yp.at(yp.mu_norm_sq, j0);
   const acc_t* r_y = yp.at(yp.r, j0);
 #pragma omp simd
   for (int64_t j = 0; j < cols; ++j) {
     const acc_t base = kHasVarFeatures ? num[j] : r.quad * c.alpha[j] + r.alpha * c.quad_plus[j];
     const acc_t cos = dot[j] * inv_mu_x * inv_mu_y[j];
-    const acc_t value = base + cos * (cos * (r_x * mu_sq_y[j] + mu_sq_x * r_y[j]) - acc_t(2) * h[j]);
+    const acc_t h = mu_y[j] * sx[j] + mu_x * sy[j];
+    const acc_t value = base + cos * (cos * (r_x * mu_sq_y[j] + mu_sq_x * r_y[j]) - acc_t(2) * h);
     num[j] = value < acc_t(0) ? acc_t(0) : value;
   }
 }
@@ -220,7 +226,9 @@ std::tuple<at::Tensor, at::Tensor> pairwise_moments_cpu(const at::Tensor& x, con
     // The projected numerator is written into the var output first, then read like var features.
     dispatch_moments_variant(has_var || projected, output, [&]<bool kHasVar, MomentsOutput kOutput>() {
       at::parallel_for(0, row_tiles * col_tiles, 1, [&](int64_t begin, int64_t end) {
-        at::Tensor h_tile = projected ? at::empty({kTileRows, kTileCols}, x.options().dtype(acc)) : at::Tensor();
+        // sx = x_proj . y and sy = x . y_proj of the tile (ld = kTileCols)
+        at::Tensor sx_tile = projected ? at::empty({kTileRows, kTileCols}, x.options().dtype(acc)) : at::Tensor();
+        at::Tensor sy_tile = projected ? at::empty({kTileRows, kTileCols}, x.options().dtype(acc)) : at::Tensor();
         for (int64_t tile = begin; tile < end; ++tile) {
           const int64_t i0 = (tile / col_tiles) * kTileRows, j0 = (tile % col_tiles) * kTileCols;
           const int64_t rows = std::min(kTileRows, n - i0), cols = std::min(kTileCols, m - j0);
@@ -229,8 +237,10 @@ std::tuple<at::Tensor, at::Tensor> pairwise_moments_cpu(const at::Tensor& x, con
           at::mm_out(first_block, xa.narrow(0, i0, rows), ya.narrow(0, j0, cols).t());
           if (has_var) at::mm_out(var_block, xv.narrow(0, i0, rows), yv.narrow(0, j0, cols).t());
           if (projected) {
-            at::Tensor h_block = h_tile.narrow(0, 0, rows).narrow(1, 0, cols);  // ld = kTileCols
-            at::mm_out(h_block, xp.narrow(0, i0, rows), yp.narrow(0, j0, cols).t());
+            at::Tensor sx_block = sx_tile.narrow(0, 0, rows).narrow(1, 0, cols);
+            at::Tensor sy_block = sy_tile.narrow(0, 0, rows).narrow(1, 0, cols);
+            at::mm_out(sx_block, xp.narrow(0, i0, rows), ya.narrow(0, j0, cols).t());
+            at::mm_out(sy_block, xa.narrow(0, i0, rows), yp.narrow(0, j0, cols).t());
           }
           const ColumnView<acc_t> columns(ys, j0);
           acc_t* first_ptr = first.mutable_data_ptr<acc_t>();
@@ -239,12 +249,13 @@ std::tuple<at::Tensor, at::Tensor> pairwise_moments_cpu(const at::Tensor& x, con
             acc_t* first_row = first_ptr + i * m + j0;
             acc_t* var_row = var_ptr + i * m + j0;
             if (projected) {
-              const acc_t* h_row = h_tile.const_data_ptr<acc_t>() + (i - i0) * kTileCols;
+              const acc_t* sx_row = sx_tile.const_data_ptr<acc_t>() + (i - i0) * kTileCols;
+              const acc_t* sy_row = sy_tile.const_data_ptr<acc_t>() + (i - i0) * kTileCols;
               const RowScalars<acc_t> rs = row_scalars(xs, i, scale);
               if (has_var) {
-                projected_row<acc_t, true>(var_row, first_row, h_row, cols, rs, columns, xps, i, yps, j0);
+                projected_row<acc_t, true>(var_row, first_row, sx_row, sy_row, cols, rs, columns, xps, i, yps, j0);
               } else {
-                projected_row<acc_t, false>(var_row, first_row, h_row, cols, rs, columns, xps, i, yps, j0);
+                projected_row<acc_t, false>(var_row, first_row, sx_row, sy_row, cols, rs, columns, xps, i, yps, j0);
               }
             }
             moments_row<acc_t, kHasVar>(first_row, var_row, cols, row_scalars(xs, i, scale), columns,
@@ -385,7 +396,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_moments_cpu(
       at::parallel_for(0, query_blocks * segments, 1, [&](int64_t begin, int64_t end) {
         at::Tensor dots = at::empty({kQueryBlock, kGalleryTile}, acc_options);  // the tile buffer
         at::Tensor dot_vars = at::empty({kHasVar ? kQueryBlock : 0, kGalleryTile}, acc_options);
-        at::Tensor hs = at::empty({projected ? kQueryBlock : 0, kGalleryTile}, acc_options);
+        at::Tensor sxs = at::empty({projected ? kQueryBlock : 0, kGalleryTile}, acc_options);  // x_proj . y
+        at::Tensor sys = at::empty({projected ? kQueryBlock : 0, kGalleryTile}, acc_options);  // x . y_proj
         std::vector<acc_t> row_score(kGalleryTile), row_var(kGalleryTile);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t block = task / segments, segment = task % segments;
@@ -414,8 +426,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_moments_cpu(
               at::mm_out(dot_var_block, xv.narrow(0, q0, queries), yv.narrow(0, g0, cols).t());
             }
             if (projected) {
-              at::Tensor h_block = hs.narrow(0, 0, queries).narrow(1, 0, cols);
-              at::mm_out(h_block, xp.narrow(0, q0, queries), yp.narrow(0, g0, cols).t());
+              at::Tensor sx_block = sxs.narrow(0, 0, queries).narrow(1, 0, cols);
+              at::Tensor sy_block = sys.narrow(0, 0, queries).narrow(1, 0, cols);
+              at::mm_out(sx_block, xp.narrow(0, q0, queries), tile.t());
+              at::mm_out(sy_block, xq, yp.narrow(0, g0, cols).t());
             }
             const ColumnView<acc_t> columns(ys, g0);
             for (int64_t r = 0; r < queries; ++r) {
@@ -423,12 +437,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_moments_cpu(
               acc_t* row_dot_var = kHasVar ? dot_vars.mutable_data_ptr<acc_t>() + r * kGalleryTile : nullptr;
               acc_t* row_v = kHasVar ? row_dot_var : row_var.data();
               if (projected) {
-                const acc_t* h_row = hs.const_data_ptr<acc_t>() + r * kGalleryTile;
+                const acc_t* sx_row = sxs.const_data_ptr<acc_t>() + r * kGalleryTile;
+                const acc_t* sy_row = sys.const_data_ptr<acc_t>() + r * kGalleryTile;
                 const RowScalars<acc_t> rs = row_scalars(xs, q0 + r, scale);
                 if (has_var) {
-                  projected_row<acc_t, true>(row_v, row_mean, h_row, cols, rs, columns, xps, q0 + r, yps, g0);
+                  projected_row<acc_t, true>(row_v, row_mean, sx_row, sy_row, cols, rs, columns, xps, q0 + r, yps, g0);
                 } else {
-                  projected_row<acc_t, false>(row_v, row_mean, h_row, cols, rs, columns, xps, q0 + r, yps, g0);
+                  projected_row<acc_t, false>(row_v, row_mean, sx_row, sy_row, cols, rs, columns, xps, q0 + r, yps,
+                                              g0);
                 }
               }
               moments_row<acc_t, kHasVar>(row_mean, row_v, cols, row_scalars(xs, q0 + r, scale), columns,

@@ -601,9 +601,11 @@ std::tuple<at::Tensor, at::Tensor> projected_moments_aten(const at::Tensor& x, c
                            trace_cross),
       static_cast<int64_t>(MomentsOutput::kMean), mean.mutable_data_ptr(), var.mutable_data_ptr()};
   launch_pairwise_moments(params, x.scalar_type(), xv.defined(), stream);
-  const at::Tensor dot = x.to(acc).mm(y.to(acc).t());  // [N, M]
-  const at::Tensor h = xp.mm(yp.t());                  // [N, M]
-  const at::Tensor inv_mu_x = xs.select(1, kStatInvMuNorm).unsqueeze(1), inv_mu_y = ys.select(1, kStatInvMuNorm).unsqueeze(0);
+  const at::Tensor xa = x.to(acc), ya = y.to(acc);
+  const at::Tensor dot = xa.mm(ya.t());  // [N, M]
+  const at::Tensor inv_mu_x = xs.select(1, kStatInvMuNorm).unsqueeze(1);
+  const at::Tensor inv_mu_y = ys.select(1, kStatInvMuNorm).unsqueeze(0);
+  const at::Tensor h = xp.mm(ya.t()).div(inv_mu_y).add(xa.mm(yp.t()).div(inv_mu_x));  // [N, M]
   const at::Tensor r_x = xs.select(1, kStatProjQuad).unsqueeze(1), r_y = ys.select(1, kStatProjQuad).unsqueeze(0);
   const at::Tensor cos = dot.mul(inv_mu_x).mul(inv_mu_y);
   const at::Tensor radial = r_x.div(inv_mu_y.square()).add(r_y.div(inv_mu_x.square()));
