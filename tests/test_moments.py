@@ -49,7 +49,8 @@ def dense_moments(mu_x, S_x, mu_y, S_y, logit_scale, logit_bias):
 def test_exact_variants_match_dense_formulas(variant, damping_img, damping_txt, generator):
     img, txt = embed_pair(generator, damping_img=damping_img, damping_txt=damping_txt)
     mean, var = cosine_moments(img, txt, logit_scale=1.3, logit_bias=-0.4, variant=variant)
-    expected_mean, expected_var = dense_moments(img.mean, img.dense_covariance(), txt.mean, txt.dense_covariance(), 1.3, -0.4)
+    expected_mean, expected_var = dense_moments(img.mean, img.dense_covariance(), txt.mean, txt.dense_covariance(),
+                                                1.3, -0.4)
     torch.testing.assert_close(mean, expected_mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(var, expected_var, rtol=1e-10, atol=1e-14)
 

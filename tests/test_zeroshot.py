@@ -54,7 +54,8 @@ def test_identical_templates_do_not_shrink_the_variance(generator):
     one = torch.randn(C, 1, P_TXT, generator=generator, dtype=torch.float64)
     single = ZeroShotClassifier.from_templates(img, txt, one, math.log(20.0))
     repeated = ZeroShotClassifier.from_templates(img, txt, one.expand(C, T, P_TXT), math.log(20.0))
-    torch.testing.assert_close(repeated.classes.dense_covariance(), single.classes.dense_covariance(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(repeated.classes.dense_covariance(), single.classes.dense_covariance(), rtol=1e-12,
+                               atol=0)
 
 
 @pytest.mark.parametrize("likelihood", ["softmax", "sigmoid"])
