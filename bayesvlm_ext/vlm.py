@@ -94,6 +94,7 @@ class BayesVLM:
         self.logit_bias = check_finite_scalar("logit_bias", logit_bias)
         self.likelihood = parse_enum("likelihood", likelihood, Likelihood)
         self.num_data = num_data
+        self.tuning: PseudoCountSearch | None = None  # the held-out search of `fit(val=...)`, if one ran
         self.model, self.sites = model, None
         if model is not None:
             if not isinstance(model, nn.Module):
@@ -121,9 +122,15 @@ class BayesVLM:
         fingerprint: dict | None = None,  # what ties a checkpoint to its inputs: see fit_factors
         progress: bool = True,  # tqdm bar
         distributed: bool | None = None,  # under torchrun: sums all-reduced (see fit_factors)
+        val: tuple[Tensor, ...] | None = None,  # held-out (pixels, tokens) pairs, or (pixels, labels, class_tokens)
     ) -> "BayesVLM":
         """Fits both towers' posteriors from image-caption pairs (SPEC.md sections 2 and 6) and tunes each
-        lambda by the evidence. Nothing is trained; the model is only run forward."""
+        lambda by the evidence. Nothing is trained; the model is only run forward.
+
+        With `val`, the pseudo-count is then chosen on held-out data (`tune`; it replaces `pseudo_count`):
+        (pixels [V, 3, H, W], tokens [V, L]) scores the matching of each
+        image to its own caption, (pixels, labels [V], class_tokens [C, L] or [C, T, L]) zero-shot labels. The
+        search's table is kept as `vlm.tuning`."""
         log_scale, bias = model_logit_params(model)
         likelihood = likelihood or default_likelihood(model)
         fits = fit_factors(model, loader, likelihood=likelihood, class_batch_size=class_batch_size, sites=sites,
@@ -135,8 +142,15 @@ class BayesVLM:
             posteriors[tower] = KronPosterior(fit.A, fit.B, fit.weight, fit.bias, pseudo_count=pseudo_count,
                                               damping=damping)
             posteriors[tower].optimize_prior_precision()
-        return cls(posteriors["image"], posteriors["text"], logit_scale=log_scale, logit_bias=bias,
-                   likelihood=likelihood, num_data=fits["image"].count, model=model, sites=sites)
+        vlm = cls(posteriors["image"], posteriors["text"], logit_scale=log_scale, logit_bias=bias,
+                  likelihood=likelihood, num_data=fits["image"].count, model=model, sites=sites)
+        if val is not None:
+            if not isinstance(val, (tuple, list)) or len(val) not in (2, 3):
+                raise ValueError("argument 'val' must be (pixels, tokens) or (pixels, labels, class_tokens), got "
+                                 f"{type(val).__name__} of {len(val) if isinstance(val, (tuple, list)) else '?'} items")
+            classifier = vlm.zero_shot(val[2]) if len(val) == 3 else None
+            vlm.tuning = vlm.tune(val[0], val[1], classifier, progress=progress)
+        return vlm
 
     @classmethod
     def from_published(

@@ -99,3 +99,22 @@ def test_bayesvlm_tune_on_zero_shot_labels_and_on_captions():
     other = BayesVLM.fit(model, pairs(), class_batch_size=5, progress=False)
     with pytest.raises(ValueError, match="argument 'classifier' must be a ZeroShot made by this BayesVLM"):
         other.tune(pixels, labels, clf, grid=GRID, progress=False)
+
+
+def test_fit_with_held_out_data_chooses_n_and_keeps_the_table():
+    pytest.importorskip("open_clip")
+    model = tiny_open_clip()
+    pixels, tokens = pairs(8, seed=3)[0][0].repeat(2, 1, 1, 1), pairs(8, seed=3)[0][1].repeat(2, 1)
+    vlm = BayesVLM.fit(model, pairs(), class_batch_size=5, progress=False, val=(pixels, tokens))
+    assert vlm.tuning.extra["task"] == "caption matching" and len(vlm.tuning.nlpd) == len(DEFAULT_GRID)
+    assert vlm.image.pseudo_count == vlm.text.pseudo_count == vlm.tuning.pseudo_count
+    # the same search run by hand on a plain fit gives the same table
+    plain = BayesVLM.fit(model, pairs(), class_batch_size=5, progress=False)
+    assert plain.tuning is None
+    assert plain.tune(pixels, tokens, progress=False).nlpd == pytest.approx(vlm.tuning.nlpd, rel=1e-12)
+    classes = torch.randint(1, 64, (3, 8), generator=torch.Generator().manual_seed(9))
+    labelled = BayesVLM.fit(model, pairs(), class_batch_size=5, progress=False,
+                            val=(pixels, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), classes))
+    assert labelled.tuning.extra["task"] == "zero-shot"
+    with pytest.raises(ValueError, match="argument 'val' must be"):
+        BayesVLM.fit(model, pairs(), class_batch_size=5, progress=False, val=(pixels,))
