@@ -187,7 +187,6 @@ class EmbeddingDistribution:
         projection statistics too (O(N D^2) once instead of per call). Do this once for a gallery that is scored
         often."""
         from . import ops  # ops does not import this module; the local import keeps it that way
-        from .moments import projection_statistics  # moments imports this module
 
         dtype = accumulation_dtype(self.mean.dtype)
         mean = self.mean.to(dtype)
@@ -199,9 +198,18 @@ class EmbeddingDistribution:
             check_tensor("against", against, dim=2)
             check_shape("against", against, (self.dim, self.dim), "the other tower's shared [D, D]")
         cross_quad = None if against is None else ops.kron_quadform(self.mean, against.to(dtype))
-        projection = projection_statistics(self, dtype) if projected else None
-        return EmbeddingDistribution(self.mean, self.covariance, sq_norm=(mean * mean).sum(-1), cross_quad=cross_quad,
-                                     cross_shared=against, projection=projection)
+        result = EmbeddingDistribution(self.mean, self.covariance, sq_norm=(mean * mean).sum(-1), cross_quad=cross_quad,
+                                       cross_shared=against)
+        return result.with_projection() if projected else result
+
+    def with_projection(self) -> "EmbeddingDistribution":
+        """A copy that also caches the "projected" variance's statistics (S u, 1 / ||mu||, u^T S u; O(N D^2) in the
+        kron form), every other cached statistic kept as it is."""
+        from .moments import projection_statistics  # moments imports this module
+
+        projection = projection_statistics(self, accumulation_dtype(self.mean.dtype))
+        return EmbeddingDistribution(self.mean, self.covariance, sq_norm=self.sq_norm, cross_quad=self.cross_quad,
+                                     cross_shared=self.cross_shared, projection=projection)
 
     def cached_cross_quad(self, shared: Tensor) -> Tensor | None:  # [N] or None
         """The cached mean^T shared mean when it was computed against this very matrix, else None."""

@@ -150,7 +150,7 @@ def test_cosine_moments(benchmark, moments_inputs, device, variant, dtype):
     benchmark.group = group_name("moments", dtype)
     img, txt = (with_mean_dtype(d, dtype) for d in moments_inputs)
     if variant == "projected":  # both sides keep their projection statistics, as they keep cross_quad
-        img, txt = img.precompute(against=txt, projected=True), txt.precompute(against=img, projected=True)
+        img, txt = img.with_projection(), txt.with_projection()
     mean, var = cosine_moments(img, txt, logit_scale=LOGIT_SCALE, variant=variant)
     if variant == "projected":
         oracle_mean, oracle_var = projected_oracle(img, txt)
@@ -243,7 +243,7 @@ def test_topk(benchmark, topk_inputs, device, score, dtype):
     k = shapes(device)["topk"]["k"]
     key, score, variant = score, score.removesuffix("_projected"), "projected" if score.endswith("projected") else None
     if variant:  # the gallery keeps its projection statistics (computed once, like its cross_quad)
-        gallery = gallery.precompute(against=gallery.cross_shared, projected=True)
+        gallery = gallery.with_projection()
     values, indices, mean, var = topk(queries, gallery, k, score=score, logit_scale=LOGIT_SCALE, variant=variant)
     # Check on the first queries against the dense moments of the same pairs (float64 oracle).
     oracle_mean, oracle_var = (projected_oracle(queries, gallery, rows=8) if variant

@@ -505,25 +505,29 @@ def read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.parametrize("projected", [False, True], ids=["published", "projected"])
 @pytest.mark.parametrize("damping", ["kron", "exact"])
 @pytest.mark.parametrize("score", ["mean", "pessimistic", "probit"])
-def test_index_and_retrieve_commands_equal_topk(damping, score, generator, tmp_path, capsys):
+def test_index_and_retrieve_commands_equal_topk(damping, score, projected, generator, tmp_path, capsys):
     posteriors = write_fit_output(tmp_path / "fit", generator, damping)
     gallery = write_features(tmp_path / "gallery.safetensors", generator, 30, P_IMAGE, ids=torch.arange(500, 530))
     queries = write_features(tmp_path / "queries.safetensors", generator, 7, P_TEXT, ids=torch.arange(7) * 10)
     # One shard and one batch: the command embeds and scores exactly what the Python calls below do.
     assert main(["index", "--posterior", str(tmp_path / "fit"), "--tower", "image", "--features",
                  str(tmp_path / "gallery.safetensors"), "--out", str(tmp_path / "index"), "--shard-rows", "64",
-                 "--logit-scale", str(LOGIT_SCALE), "--logit-bias", str(LOGIT_BIAS), "--quiet"]) == 0
+                 "--logit-scale", str(LOGIT_SCALE), "--logit-bias", str(LOGIT_BIAS), "--quiet"]
+                + ["--projected"] * projected) == 0
     assert "indexed 30 image items" in capsys.readouterr().out
+    assert open_index(tmp_path / "index").projected == projected
     assert main(["retrieve", "--index", str(tmp_path / "index"), "--posterior", str(tmp_path / "fit"), "--queries",
                  str(tmp_path / "queries.safetensors"), "--k", "6", "--score", score, "--kappa", "0.5", "--out",
-                 str(tmp_path / "results.jsonl"), "--quiet"]) == 0
+                 str(tmp_path / "results.jsonl"), "--quiet"] + ["--projected"] * projected) == 0
     assert "retrieved the top 6 of 30 image items" in capsys.readouterr().out
     lines = read_jsonl(tmp_path / "results.jsonl")
     q = posteriors["text"].embed(queries["features"])
     g = posteriors["image"].embed(gallery["features"], against=posteriors["text"])
-    values, indices, mean, var = topk(q, g, 6, score, 0.5, logit_scale=LOGIT_SCALE, logit_bias=LOGIT_BIAS)
+    values, indices, mean, var = topk(q, g, 6, score, 0.5, logit_scale=LOGIT_SCALE, logit_bias=LOGIT_BIAS,
+                                      variant="projected" if projected else None)
     assert [line["query"] for line in lines] == [0, 10, 20, 30, 40, 50, 60]
     for i, line in enumerate(lines):
         assert list(line) == ["query", "ids", "scores", "mean", "variance"]

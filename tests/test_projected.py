@@ -192,8 +192,37 @@ def test_a_precomputed_gallery_gives_the_same_projected_scores():
     y = EmbeddingDistribution.diagonal(torch.randn(300, D, generator=g), torch.rand(300, D, generator=g))
     cached = y.precompute(projected=True)
     assert cached.projection is not None and cached[:7].projection[0].shape == (7, D)
+    kept = cached.with_projection()  # the other cached statistics are kept, not recomputed
+    assert kept.sq_norm is cached.sq_norm and all(torch.equal(a, b) for a, b in zip(kept.projection,
+                                                                                    cached.projection))
     for a, b in zip(topk(x, y, 9, "probit", logit_scale=2.0, variant="projected"),
                     topk(x, cached, 9, "probit", logit_scale=2.0, variant="projected")):
         assert torch.equal(a, b)
     joined = EmbeddingDistribution.cat([cached[:100], cached[100:]])
     assert all(torch.equal(a, b) for a, b in zip(joined.projection, cached.projection))
+
+
+def test_an_index_stores_the_projection_statistics_and_searches_with_them(tmp_path):
+    from bayesvlm_ext import build_index, open_index, search
+    from bayesvlm_ext.index import save_index
+
+    g = torch.Generator().manual_seed(10)
+    (Ax, Bx, Wx, bx), (Ay, By, Wy, by) = towers(g)
+    gallery_post = KronPosterior(Ax, Bx, Wx, bx, prior_precision=50.0)
+    query_post = KronPosterior(Ay, By, Wy, by, prior_precision=50.0)
+    features = torch.randn(50, P, generator=g)
+    queries = query_post.embed(torch.randn(4, P, generator=g), against=gallery_post)
+    stored = build_index(tmp_path / "stored", gallery_post, features, query_post, shard_rows=16, projected=True,
+                         logit_scale=2.0)
+    plain = build_index(tmp_path / "plain", gallery_post, features, query_post, shard_rows=16, logit_scale=2.0)
+    assert stored.projected and not plain.projected and stored.shard(1).projection[0].shape == (16, D)
+    whole = gallery_post.embed(features, against=query_post)
+    expected = topk(queries, whole, 7, "probit", logit_scale=2.0, variant="projected")
+    for index in (stored, plain, open_index(tmp_path / "stored")):
+        values, rows, mean, var = search(index, queries, 7, "probit", variant="projected")
+        assert torch.equal(rows, expected[1])
+        for got, want in zip((values, mean, var), (expected[0], expected[2], expected[3])):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    saved = save_index(tmp_path / "saved", whole.precompute(against=query_post.embed(features[:0]),
+                                                            projected=True), shard_rows=16)
+    assert saved.projected  # a gallery that caches them stores them

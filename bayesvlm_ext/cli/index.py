@@ -51,6 +51,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
     source.add_argument("--images", help="JSONL of {\"image\": PATH} or a folder of images (with --model)")
     index.add_argument("--out", required=True, help="index directory")
     index.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, help="gallery rows per shard file")
+    index.add_argument("--projected", action="store_true",
+                       help="also store each item's statistics of the \"projected\" variance (D more floats per item), "
+                            "so that `retrieve --projected` does not recompute them per call")
     index.add_argument("--batch-size", type=int, default=1024,
                        help="rows embedded at a time (images per forward pass with --images)")
     index.add_argument("--logit-scale", type=float, default=None,
@@ -144,7 +147,8 @@ def _index(args: argparse.Namespace, rank: int, world: int, device: torch.device
             dtype = accumulation_dtype(source.features.dtype)
         writer = IndexWriter.for_posteriors(args.out, gallery_posterior, query_posterior, len(source), dtype,
                                             embed_options, shard_rows=args.shard_rows, ids=ids, tower=args.tower,
-                                            logit_scale=logit_scale, logit_bias=logit_bias, generation=generation)
+                                            logit_scale=logit_scale, logit_bias=logit_bias, generation=generation,
+                                            projected=args.projected)
     except (CommandError, ValueError, OSError) as error:
         say(f"error: {error}", file=sys.stderr)
         return 1

@@ -40,6 +40,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
     retrieve.add_argument("--score", choices=[s.value for s in Score], default="mean",
                           help="ranking: logit mean, mean -/+ kappa sd, or probit match probability")
     retrieve.add_argument("--kappa", type=float, default=1.0, help="standard deviations for pessimistic/optimistic")
+    retrieve.add_argument("--projected", action="store_true",
+                          help="the \"projected\" logit variance (SPEC.md section 4) instead of the published one; "
+                               "fastest on an index built with --projected")
     retrieve.add_argument("--out", required=True, help="JSONL file: one line per query")
     retrieve.add_argument("--batch-size", type=int, default=256, help="queries per pass over the gallery")
     retrieve.add_argument("--logit-scale", type=float, default=None, help="log s (default: the index's)")
@@ -139,7 +142,8 @@ def _retrieve(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                     # The index's copy of this tower's B^-1 (checked to match): its cached cross_quad then applies.
                     embedded = EmbeddingDistribution(embedded.mean, embedded.covariance.replace(shared=cross_shared))
                 result = search(index, embedded, k, args.score, args.kappa, logit_scale=logit_scale,
-                                logit_bias=logit_bias, shards=blocks[rank])
+                                logit_bias=logit_bias, shards=blocks[rank],
+                                variant="projected" if args.projected else None)
                 if world > 1:
                     parts = gather_topk(result, counts, k)
                     result = merge_topk(parts, k, args.score, args.kappa) if rank == 0 else None

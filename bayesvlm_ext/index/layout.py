@@ -20,6 +20,9 @@ GENERATION_PATTERN = re.compile(r"gen-[0-9A-Za-z_-]{1,100}")  # a plain folder n
 SHARED_FILE = "shared.safetensors"
 IDS_TENSOR_FILE = "ids.safetensors"
 IDS_JSON_FILE = "ids.json"
+# With `projected`, each shard also holds the "projected" variance's statistics of its items (SPEC.md section 4):
+# S u [m, D], 1 / ||mu|| [m] and u^T S u [m], in EmbeddingDistribution.projection's order.
+PROJECTION_TENSORS = ("proj_applied", "proj_inv_mu_norm", "proj_r")
 DEFAULT_SHARD_ROWS = 65536  # 128 MiB of float32 means at D = 512: large next to one GEMM tile, small next to memory
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}

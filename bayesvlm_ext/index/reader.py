@@ -16,7 +16,7 @@ from ..distribution import EmbeddingDistribution
 from ..retrieval import Score, merge_topk, topk
 from ..storage import MappedSafetensors
 from .layout import (DTYPE_NAMES, FORMAT, GENERATION_PATTERN, IDS_JSON_FILE, IDS_TENSOR_FILE, MANIFEST_FILE,
-                     READABLE_VERSIONS, SHARED_FILE, read_manifest)
+                     PROJECTION_TENSORS, READABLE_VERSIONS, SHARED_FILE, read_manifest)
 
 OPEN_ATTEMPTS = 5  # re-reads of index.json when a rewrite removed the files of the one just read
 
@@ -83,9 +83,13 @@ class RetrievalIndex:
             self.logit_scale, self.logit_bias = manifest["logit_scale"], manifest["logit_bias"]
             self.posteriors = manifest["posteriors"]
             ids_kind, has_cross_quad, shards = manifest["ids"], manifest["cross_quad"], manifest["shards"]
+            self.projected = manifest.get("projection", False)  # absent in indexes written before it existed
         except (KeyError, ValueError, TypeError) as error:
             raise ValueError(f"index {self.directory}: {MANIFEST_FILE} is corrupt ({type(error).__name__}: {error})") \
                 from None
+        if not isinstance(self.projected, bool):
+            raise ValueError(f"index {self.directory}: {MANIFEST_FILE} is corrupt (projection "
+                             f"{self.projected!r} is not true or false)")
         if self.tower not in (None, "image", "text") or ids_kind not in ("row", "int", "str") \
                 or not isinstance(shards, list) or not shards:
             raise ValueError(f"index {self.directory}: {MANIFEST_FILE} is corrupt (tower, ids or shards)")
@@ -96,6 +100,8 @@ class RetrievalIndex:
         expected |= {name: (self.dtype, len(item_shapes[name]) == 2) for name in self._covariance_type.PER_ITEM}
         if has_cross_quad:
             expected["cross_quad"] = (self.dtype, False)
+        if self.projected:
+            expected |= {name: (self.dtype, name == "proj_applied") for name in PROJECTION_TENSORS}
         self.shards, self._headers, position = [], [], 0
         for number, entry in enumerate(shards):
             try:
@@ -154,8 +160,10 @@ class RetrievalIndex:
         cross = self.shared.get("cross_shared")
         covariance = self._covariance_type.from_tensors(
             self.shared | {name: get(name) for name in self._covariance_type.PER_ITEM})
+        projection = tuple(get(name) for name in PROJECTION_TENSORS) if self.projected else None
         return EmbeddingDistribution(get("mean"), covariance, sq_norm=get("sq_norm"), cross_shared=cross,
-                                     cross_quad=get("cross_quad") if cross is not None else None)
+                                     cross_quad=get("cross_quad") if cross is not None else None,
+                                     projection=projection)
 
     def shard_rows(self, number: int) -> Tensor:  # [m] int64 gallery rows, memory-mapped
         return self._headers[self._check_number(number)].tensor("row")

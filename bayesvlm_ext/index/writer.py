@@ -18,9 +18,8 @@ from ..posterior import KronPosterior
 from ..probvlm import ProbVLMAdapter
 from ..storage import save_aligned
 from .layout import (DEFAULT_SHARD_ROWS, DTYPE_NAMES, FORMAT, GENERATION_PATTERN, IDS_JSON_FILE, IDS_TENSOR_FILE,
-                     LOCK_FILE, MANIFEST_FILE, SHARED_FILE, VERSION, first_non_finite_row, new_generation,
-                     published_generation,
-                     shard_file_name, shard_ranges)
+                     LOCK_FILE, MANIFEST_FILE, PROJECTION_TENSORS, SHARED_FILE, VERSION, first_non_finite_row,
+                     new_generation, published_generation, shard_file_name, shard_ranges)
 from .reader import RetrievalIndex, open_index
 
 class IndexWriter:
@@ -40,7 +39,7 @@ class IndexWriter:
     def __init__(self, directory: str | os.PathLike, template: EmbeddingDistribution, rows: int, *,
                  shard_rows: int = DEFAULT_SHARD_ROWS, ids: Tensor | Sequence | None = None, tower: str | None = None,
                  logit_scale: float | None = None, logit_bias: float | None = None, posteriors: dict | None = None,
-                 generation: str | None = None):
+                 generation: str | None = None, projected: bool = False):
         if generation is None:
             generation = new_generation()
         if not isinstance(generation, str) or not GENERATION_PATTERN.fullmatch(generation):
@@ -65,6 +64,9 @@ class IndexWriter:
         self.logit_scale = None if logit_scale is None else float(logit_scale)
         self.logit_bias = None if logit_bias is None else float(logit_bias)
         self.posteriors = posteriors or {}
+        if not isinstance(projected, bool):
+            raise ValueError(f"argument 'projected' must be True or False, got {projected!r}")
+        self.projected = projected  # store each item's projection statistics (the "projected" variance)
         self.directory = output_directory(self.directory, "argument 'directory'")
         self.generation = generation
         self.folder = os.path.join(self.directory, generation)  # created by the first write
@@ -155,9 +157,13 @@ class IndexWriter:
                                  "posterior or was cached against another query side")
         if part.sq_norm is None or (self.cross_shared is not None and part.cross_quad is None):
             part = part.precompute(against=self.cross_shared)
+        if self.projected and part.projection is None:
+            part = part.with_projection()  # the statistics the embedding op cached stay as they are
         tensors = {"mean": part.mean, **part.covariance.per_item_tensors(), "sq_norm": part.sq_norm}
         if self.cross_shared is not None:
             tensors["cross_quad"] = part.cross_quad
+        if self.projected:
+            tensors.update(zip(PROJECTION_TENSORS, part.projection))
         tensors = {name: _cpu(t, self.dtype) for name, t in tensors.items()}
         tensors["row"] = torch.arange(start, stop, dtype=torch.int64)
         os.makedirs(self.folder, exist_ok=True)
@@ -190,6 +196,7 @@ class IndexWriter:
                     "dim": self.dim, "form": self.form.value, "dtype": DTYPE_NAMES[self.dtype], "tower": self.tower,
                     "shard_rows": self.shard_rows, "logit_scale": self.logit_scale, "logit_bias": self.logit_bias,
                     "ids": self.ids_kind, "cross_quad": self.cross_shared is not None, "posteriors": self.posteriors,
+                    "projection": self.projected,
                     "shards": [{"file": shard_file_name(n), "start": start, "stop": stop}
                                for n, (start, stop) in enumerate(self.ranges)]}
         with _switch_lock(self.directory):
@@ -244,6 +251,7 @@ def build_index(
     tower: str | None = None,  # "image" or "text": the gallery's tower, for the command line
     logit_scale: float | None = None,  # log s, stored as the default for search
     logit_bias: float | None = None,
+    projected: bool = False,  # also store the "projected" variance's per-item statistics (S u: D more per item)
 ) -> "RetrievalIndex":
     """Embeds a gallery shard by shard into an index at `directory` and opens it (SPEC.md sections 3 and 7).
 
@@ -265,7 +273,8 @@ def build_index(
         raise ValueError("argument 'features' must have at least one row (an index of nothing cannot be searched)")
     writer = IndexWriter.for_posteriors(directory, gallery_posterior, query_posterior, features.shape[0],
                                         accumulation_dtype(features.dtype), embed_options, shard_rows=shard_rows,
-                                        ids=ids, tower=tower, logit_scale=logit_scale, logit_bias=logit_bias)
+                                        ids=ids, tower=tower, logit_scale=logit_scale, logit_bias=logit_bias,
+                                        projected=projected)
     with _aborting_on_failure(writer):
         for number, (start, stop) in enumerate(writer.ranges):
             writer.embed_shard(number, features[start:stop], None if residual is None else residual[start:stop],
@@ -283,19 +292,21 @@ def save_index(
     tower: str | None = None,
     logit_scale: float | None = None,
     logit_bias: float | None = None,
+    projected: bool | None = None,  # store the projection statistics; None: when `gallery` caches them
 ) -> "RetrievalIndex":
     """Writes an embedded gallery (any form: kron, eigen or diag) as an index and opens it.
 
     Statistics cached on `gallery` are stored as they are; missing ones are computed shard by shard
-    (cross_quad against `gallery.cross_shared`, when set). An index already at `directory` is replaced
-    atomically; a failure leaves it as it was.
+    (cross_quad against `gallery.cross_shared`, when set; the projection statistics with `projected`). An
+    index already at `directory` is replaced atomically; a failure leaves it as it was.
     """
     if not isinstance(gallery, EmbeddingDistribution):
         raise ValueError(f"argument 'gallery' must be an EmbeddingDistribution, got {type(gallery).__name__}")
     if len(gallery) == 0:
         raise ValueError("argument 'gallery' must have at least one item (an index of nothing cannot be searched)")
     writer = IndexWriter(directory, gallery, len(gallery), shard_rows=shard_rows, ids=ids, tower=tower,
-                         logit_scale=logit_scale, logit_bias=logit_bias)
+                         logit_scale=logit_scale, logit_bias=logit_bias,
+                         projected=gallery.projection is not None if projected is None else projected)
     with _aborting_on_failure(writer):
         for number, (start, stop) in enumerate(writer.ranges):
             writer.write(number, gallery[start:stop])
