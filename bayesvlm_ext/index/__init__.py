@@ -9,14 +9,16 @@ still rotate each shard's means into the query basis, O(m D^2) per shard and pas
 
   index.json               format, version, generation (the folder holding the files below), rows M, dim D,
                            form, dtype, tower, logit scale and bias (or null), the posteriors' hyper-parameters,
-                           the shard list [{file, start, stop}], ids kind
+                           the shard list [{file, start, stop}], ids kind, projection (absent: false)
   gen-<time>-<random>/     one generation: every file below; a rewrite makes a new one beside it
   shared.safetensors       what all items share: "shared" [D, D], "shared_eigvals" [D], "basis" [D, D]
                            (kron form), "basis" (eigen form); "cross_shared" [D, D], the query side's
                            B^-1 that cross_quad was computed against (kron-form queries only)
   shard-00000.safetensors  rows [start, stop) of the gallery, m = stop - start: "mean" [m, D],
   shard-00001.safetensors  "alpha" [m] (kron) | "k" [m, D] (eigen) | "variances" [m, D] (diag),
-  ...                      "sq_norm" [m], "cross_quad" [m] (when there is cross_shared), "row" [m] int64
+  ...                      "sq_norm" [m], "cross_quad" [m] (when there is cross_shared), "row" [m] int64,
+                           and with "projection": true in index.json "proj_applied" [m, D] (S u),
+                           "proj_inv_mu_norm" [m], "proj_r" [m] (the "projected" variance, SPEC.md section 4)
   ids.safetensors          "ids" [M] int64, when the ids are integers (else ids.json, a list of strings;
                            neither when the ids are the row numbers)
 
