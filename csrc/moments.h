@@ -64,6 +64,13 @@ struct PairwiseParams {
   const void* y_var;    // [m, k_var] or nullptr
   int64_t n, m, d, k_var;
   double scale, bias, trace_cross;
+  // The projected variance only (nullptr otherwise; the CUDA kernels read them, the CPU kernel its tensors):
+  const void* x_proj;  // [n, d] S u per item, contiguous, accumulation dtype
+  const void* y_proj;  // [m, d]
+  const void* x_acc;   // [n, d] the means in the accumulation dtype (x itself for fp32/fp64), strides in elements
+  int64_t x_acc_row_stride, x_acc_col_stride;
+  const void* y_acc;  // [m, d]
+  int64_t y_acc_row_stride, y_acc_col_stride;
 };
 
 struct PairwiseMomentsParams {

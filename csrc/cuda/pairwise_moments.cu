@@ -24,10 +24,11 @@
 // Larger k streams through pairwise chunks of the gallery and a stable ATen sort instead
 // (topk_streaming_fallback).
 //
-// The "projected" variance (projection features, moments.h) is not in the fused kernels yet: it runs the
-// fused kernel for the mean and the published variance, then cuBLAS GEMMs for the dot products and the
-// projection term and ATen element-wise ops for the correction (projected_moments_aten), with [N, M]
-// temporaries; its top-k always streams through the fallback, a chunk of the gallery at a time.
+// The "projected" variance (projection features, moments.h) runs in the same kernels: two more GEMM tiles,
+// sx = x_proj . y and sy = x . y_proj, both with accumulation-dtype operands (the means converted once for
+// fp16/bf16 input, (N + M) D sizeof(acc) bytes), land in shared memory beside the dot tile, and the epilogue
+// adds the correction. Its kernels read the first output at run time instead of one instantiation per
+// output. The extra tiles shrink the fused top-k's largest k for fp64 (about 52 on H100).
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -70,21 +71,28 @@ __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a
 
 // ---- per-variant shared memory -----------------------------------------------------------------
 
-struct NoVarMath {  // tag: no var features, the variance comes from the Kronecker closed form
+// Tag for a GEMM that does not run: VarMath without var features (the variance comes from the Kronecker
+// closed form), ProjMath without projection features (the published variance).
+struct NoMath {
   using smem_t = char;
   static constexpr int kOperandElems = 0;
 };
-template <class VarMath>
-constexpr bool kHasVar = !std::is_same_v<VarMath, NoVarMath>;
+template <class Math>
+constexpr bool kRuns = !std::is_same_v<Math, NoMath>;
 
-// [dot tile acc_t [64][kAccLd]] [staging of the running GEMM, reused for the var tile afterwards]
-template <typename acc_t, class MainMath, class VarMath>
+// [dot tile] [sx tile, sy tile: projected only] [staging of the running GEMM, reused for the var tile
+// afterwards]; every tile acc_t [64][kAccLd].
+template <typename acc_t, class MainMath, class VarMath, class ProjMath>
 struct TileSmem {
   static constexpr size_t kAccTileBytes = sizeof(acc_t) * kTile * kAccLd;
+  static constexpr size_t kSxOffset = kAccTileBytes;
+  static constexpr size_t kSyOffset = 2 * kAccTileBytes;
+  static constexpr size_t kStagingOffset = (kRuns<ProjMath> ? 3 : 1) * kAccTileBytes;
   static constexpr size_t kMainStaging = 2 * sizeof(typename MainMath::smem_t) * MainMath::kOperandElems;
   static constexpr size_t kVarStaging = 2 * sizeof(typename VarMath::smem_t) * VarMath::kOperandElems;
-  static constexpr size_t kVarRegion = kHasVar<VarMath> ? std::max(kVarStaging, kAccTileBytes) : 0;
-  static constexpr size_t kBytes = kAccTileBytes + std::max(kMainStaging, kVarRegion);
+  static constexpr size_t kProjStaging = 2 * sizeof(typename ProjMath::smem_t) * ProjMath::kOperandElems;
+  static constexpr size_t kVarRegion = kRuns<VarMath> ? std::max(kVarStaging, kAccTileBytes) : 0;
+  static constexpr size_t kBytes = kStagingOffset + std::max({kMainStaging, kVarRegion, kProjStaging});
   static_assert(kAccTileBytes % 128 == 0 && kBytes % 16 == 0);
 };
 
@@ -108,38 +116,58 @@ __device__ inline acc_t probit_logit(acc_t mean, acc_t var) {
 template <typename acc_t>
 struct Stats {
   acc_t inv_norm, alpha, quad;
+  acc_t inv_mu_norm, r;  // projected only (0 otherwise)
 };
 
-template <typename acc_t>
-__device__ inline Stats<acc_t> load_stats(const void* stats, int64_t row) {  // stats: [rows, 3]
-  const acc_t* s = static_cast<const acc_t*>(stats) + row * kNumStats;
-  return {s[kStatInvNorm], s[kStatAlpha], s[kStatQuad]};
+// One item's stats: [rows, 3], or [rows, 5] with the projected columns.
+template <typename acc_t, bool kProjected>
+__device__ inline Stats<acc_t> load_stats(const void* stats, int64_t row) {
+  const acc_t* s = static_cast<const acc_t*>(stats) + row * (kProjected ? kNumProjectedStats : kNumStats);
+  if constexpr (kProjected) {
+    return {s[kStatInvNorm], s[kStatAlpha], s[kStatQuad], s[kStatInvMuNorm], s[kStatProjQuad]};
+  } else {
+    return {s[kStatInvNorm], s[kStatAlpha], s[kStatQuad], acc_t(0), acc_t(0)};
+  }
 }
 
 // Mean and variance of logit (i, j) from the result tiles and the stats (moments.h).
-template <typename acc_t, bool kWithVar>
+template <typename acc_t, bool kWithVar, bool kProjected>
 struct MomentsEpilogue {
   const acc_t* dot;      // [64][kAccLd] x . y
   const acc_t* var_dot;  // [64][kAccLd] x_var . y_var (kWithVar only)
+  const acc_t* sx;       // [64][kAccLd] x_proj . y (kProjected only)
+  const acc_t* sy;       // [64][kAccLd] x . y_proj (kProjected only)
   acc_t scale, bias, trace_cross;
 
-  __device__ MomentsEpilogue(const PairwiseParams& in, const unsigned char* smem, size_t var_tile_offset)
+  template <class Layout>
+  __device__ MomentsEpilogue(const PairwiseParams& in, const unsigned char* smem, Layout)
       : dot(reinterpret_cast<const acc_t*>(smem)),
-        var_dot(reinterpret_cast<const acc_t*>(smem + var_tile_offset)),
+        var_dot(reinterpret_cast<const acc_t*>(smem + Layout::kStagingOffset)),
+        sx(reinterpret_cast<const acc_t*>(smem + Layout::kSxOffset)),
+        sy(reinterpret_cast<const acc_t*>(smem + Layout::kSyOffset)),
         scale(static_cast<acc_t>(in.scale)),
         bias(static_cast<acc_t>(in.bias)),
         trace_cross(static_cast<acc_t>(in.trace_cross)) {}
 
   __device__ void operator()(int r, int c, const Stats<acc_t>& x, const Stats<acc_t>& y, acc_t& mean,
                              acc_t& var) const {
+    const int at = r * kAccLd + c;
     const acc_t cos_scale = x.inv_norm * y.inv_norm;
     acc_t dot_var;
     if constexpr (kWithVar) {
-      dot_var = var_dot[r * kAccLd + c];
+      dot_var = var_dot[at];
     } else {
       dot_var = y.alpha * x.quad + x.alpha * y.quad + trace_cross * x.alpha * y.alpha;
     }
-    mean = scale * dot[r * kAccLd + c] * cos_scale + bias;
+    if constexpr (kProjected) {
+      // + cos (cos (r_x ||mu_y||^2 + ||mu_x||^2 r_y) - 2 h), clamped at 0 (NaN stays NaN), as the CPU kernel
+      const acc_t mu_x = acc_t(1) / x.inv_mu_norm, mu_y = acc_t(1) / y.inv_mu_norm;
+      const acc_t cos = dot[at] * x.inv_mu_norm * y.inv_mu_norm;
+      const acc_t h = mu_y * sx[at] + mu_x * sy[at];
+      const acc_t value = dot_var + cos * (cos * (x.r * (mu_y * mu_y) + (mu_x * mu_x) * y.r) - acc_t(2) * h);
+      dot_var = value < acc_t(0) ? acc_t(0) : value;
+    }
+    mean = scale * dot[at] * cos_scale + bias;
     var = scale * scale * dot_var * cos_scale * cos_scale;
   }
 };
@@ -178,29 +206,49 @@ struct PairOperands {
   using acc_t = at::opmath_type<scalar_t>;
   gemm_tile::Operand<scalar_t> x, y;      // [n, d], [m, d]
   gemm_tile::Operand<acc_t> x_var, y_var;  // [n, k_var], [m, k_var] (unused without var features)
+  gemm_tile::Operand<acc_t> x_acc, y_acc, x_proj, y_proj;  // [n, d], [m, d] (unused without projection)
   __device__ explicit PairOperands(const PairwiseParams& in)
       : x(gemm_tile::make_operand<scalar_t>(in.x, in.n, in.d, in.x_row_stride, in.x_col_stride)),
         y(gemm_tile::make_operand<scalar_t>(in.y, in.m, in.d, in.y_row_stride, in.y_col_stride)),
         x_var(gemm_tile::make_operand<acc_t>(in.x_var, in.n, in.k_var, in.k_var, 1)),
-        y_var(gemm_tile::make_operand<acc_t>(in.y_var, in.m, in.k_var, in.k_var, 1)) {}
+        y_var(gemm_tile::make_operand<acc_t>(in.y_var, in.m, in.k_var, in.k_var, 1)),
+        x_acc(gemm_tile::make_operand<acc_t>(in.x_acc, in.n, in.d, in.x_acc_row_stride, in.x_acc_col_stride)),
+        y_acc(gemm_tile::make_operand<acc_t>(in.y_acc, in.m, in.d, in.y_acc_row_stride, in.y_acc_col_stride)),
+        x_proj(gemm_tile::make_operand<acc_t>(in.x_proj, in.n, in.d, in.d, 1)),
+        y_proj(gemm_tile::make_operand<acc_t>(in.y_proj, in.m, in.d, in.d, 1)) {}
 };
 
-// Leaves dot[r][c] = x[n0 + r] . y[m0 + c] at smem and, with var features,
-// x_var[n0 + r] . y_var[m0 + c] right after it (TileSmem), both acc_t [64][kAccLd]; ends with a
-// barrier. The caller must not read the previous tile's results any more (a barrier after them).
-template <typename scalar_t, class MainMath, class VarMath>
+// Leaves the result tiles of TileSmem, each acc_t [64][kAccLd]: dot[r][c] = x[n0 + r] . y[m0 + c]; with
+// projection, sx = x_proj . y and sy = x . y_proj (both in the accumulation dtype); with var features,
+// x_var . y_var. Ends with a barrier. The caller must not read the previous tile's results any more (a
+// barrier after them).
+template <typename scalar_t, class MainMath, class VarMath, class ProjMath>
 __device__ void compute_tile(const PairOperands<scalar_t>& ops, int64_t n0, int64_t m0, unsigned char* smem) {
   using acc_t = at::opmath_type<scalar_t>;
-  using Layout = TileSmem<acc_t, MainMath, VarMath>;
-  unsigned char* staging = smem + Layout::kAccTileBytes;  // never overlaps the dot tile
+  using Layout = TileSmem<acc_t, MainMath, VarMath, ProjMath>;
+  unsigned char* staging = smem + Layout::kStagingOffset;  // never overlaps the result tiles before it
   {
     typename MainMath::Acc acc;
     auto* slab = reinterpret_cast<typename MainMath::smem_t*>(staging);
     gemm_tile::gemm_tile<MainMath>(acc, ops.x, n0, ops.y, m0, slab, slab + MainMath::kOperandElems);
     MainMath::store(acc, reinterpret_cast<acc_t*>(smem));
   }
-  if constexpr (kHasVar<VarMath>) {
-    // The main GEMM ended with a barrier (or never touched the staging): it is free again.
+  if constexpr (kRuns<ProjMath>) {
+    // Each GEMM ended with a barrier (or never touched the staging): it is free again.
+    auto* slab = reinterpret_cast<typename ProjMath::smem_t*>(staging);
+    {
+      typename ProjMath::Acc acc;
+      gemm_tile::gemm_tile<ProjMath>(acc, ops.x_proj, n0, ops.y_acc, m0, slab, slab + ProjMath::kOperandElems);
+      ProjMath::store(acc, reinterpret_cast<acc_t*>(smem + Layout::kSxOffset));
+    }
+    {
+      typename ProjMath::Acc acc;
+      gemm_tile::gemm_tile<ProjMath>(acc, ops.x_acc, n0, ops.y_proj, m0, slab, slab + ProjMath::kOperandElems);
+      ProjMath::store(acc, reinterpret_cast<acc_t*>(smem + Layout::kSyOffset));
+    }
+  }
+  if constexpr (kRuns<VarMath>) {
+    // The GEMMs before ended with a barrier (or never touched the staging): it is free again.
     typename VarMath::Acc acc;
     auto* slab = reinterpret_cast<typename VarMath::smem_t*>(staging);
     gemm_tile::gemm_tile<VarMath>(acc, ops.x_var, n0, ops.y_var, m0, slab, slab + VarMath::kOperandElems);
@@ -211,9 +259,19 @@ __device__ void compute_tile(const PairOperands<scalar_t>& ops, int64_t n0, int6
 
 // ---- pairwise_moments --------------------------------------------------------------------------------
 
+// kOutput: a MomentsOutput, or kRuntimeOutput to read it from the parameters (the projected kernels, which
+// are not instantiated once per output).
+constexpr int kRuntimeOutput = -1;
+
 template <int kOutput, typename acc_t>
-__device__ inline acc_t first_output(acc_t mean, acc_t var) {
-  if constexpr (kOutput == static_cast<int>(MomentsOutput::kMean)) {
+__device__ inline acc_t first_output(acc_t mean, acc_t var, int64_t output) {
+  if constexpr (kOutput == kRuntimeOutput) {
+    switch (static_cast<MomentsOutput>(output)) {
+      case MomentsOutput::kMean: return mean;
+      case MomentsOutput::kProbitLogit: return probit_logit(mean, var);
+      default: return sigmoid(probit_logit(mean, var));
+    }
+  } else if constexpr (kOutput == static_cast<int>(MomentsOutput::kMean)) {
     return mean;
   } else if constexpr (kOutput == static_cast<int>(MomentsOutput::kProbitLogit)) {
     return probit_logit(mean, var);
@@ -230,16 +288,17 @@ constexpr int kMinBlocks = std::is_same_v<MainMath, gemm_tile::SimtMath<float>> 
                                ? 1
                                : 4;
 
-template <typename scalar_t, class MainMath, class VarMath, int kOutput>
+template <typename scalar_t, class MainMath, class VarMath, class ProjMath, int kOutput>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<MainMath>)
     pairwise_moments_kernel(PairwiseMomentsParams params) {
 #ifdef BAYESVLM_EXT_HAS_WMMA
   using acc_t = at::opmath_type<scalar_t>;
-  using Layout = TileSmem<acc_t, MainMath, VarMath>;
+  using Layout = TileSmem<acc_t, MainMath, VarMath, ProjMath>;
+  constexpr bool kProjected = kRuns<ProjMath>;
   extern __shared__ __align__(128) unsigned char smem[];
   const PairwiseParams& in = params.in;
   const PairOperands<scalar_t> ops(in);
-  const MomentsEpilogue<acc_t, kHasVar<VarMath>> epilogue(in, smem, Layout::kAccTileBytes);
+  const MomentsEpilogue<acc_t, kRuns<VarMath>, kProjected> epilogue(in, smem, Layout{});
   auto* out_first = static_cast<acc_t*>(params.out_first);  // [n, m]
   auto* out_var = static_cast<acc_t*>(params.out_var);      // [n, m]
 
@@ -253,18 +312,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<MainMath>)
     const int64_t n0 = (first_row + in_group % group_rows) * kTile;
     const int64_t m0 = (in_group / group_rows) * kTile;
 
-    compute_tile<scalar_t, MainMath, VarMath>(ops, n0, m0, smem);
+    compute_tile<scalar_t, MainMath, VarMath, ProjMath>(ops, n0, m0, smem);
 
     // Thread t writes column t % 64 of rows t / 64, t / 64 + 2, ...: each warp stores 32 consecutive outputs.
     const int c = threadIdx.x % kTile;
     const int64_t j = m0 + c;
     if (j < in.m) {
-      const Stats<acc_t> ys = load_stats<acc_t>(in.y_stats, j);
+      const Stats<acc_t> ys = load_stats<acc_t, kProjected>(in.y_stats, j);
       for (int r = threadIdx.x / kTile; r < kTile && n0 + r < in.n; r += kThreads / kTile) {
         const int64_t i = n0 + r;
         acc_t mean, var;
-        epilogue(r, c, load_stats<acc_t>(in.x_stats, i), ys, mean, var);
-        out_first[i * in.m + j] = first_output<kOutput>(mean, var);
+        epilogue(r, c, load_stats<acc_t, kProjected>(in.x_stats, i), ys, mean, var);
+        out_first[i * in.m + j] = first_output<kOutput>(mean, var, params.output);
         out_var[i * in.m + j] = var;
       }
     }
@@ -344,22 +403,23 @@ __device__ void offer_candidates(bool offer, acc_t key, int32_t index, acc_t mea
   }
 }
 
-template <typename acc_t, class MainMath, class VarMath>
+template <typename acc_t, class MainMath, class VarMath, class ProjMath>
 constexpr size_t topk_smem_bytes(int64_t k) {
-  return TileSmem<acc_t, MainMath, VarMath>::kBytes +
+  return TileSmem<acc_t, MainMath, VarMath, ProjMath>::kBytes +
          static_cast<size_t>(kTile) * static_cast<size_t>(k) * (3 * sizeof(acc_t) + sizeof(int32_t));
 }
 
 // Block (q, s): queries [64 q, 64 q + 64) against gallery tiles [s tps, (s + 1) tps) of segment s.
-template <typename scalar_t, class MainMath, class VarMath>
+template <typename scalar_t, class MainMath, class VarMath, class ProjMath>
 __global__ void __launch_bounds__(kThreads) topk_segment_kernel(TopkParams params, TopkScratch scratch) {
 #ifdef BAYESVLM_EXT_HAS_WMMA
   using acc_t = at::opmath_type<scalar_t>;
-  using Layout = TileSmem<acc_t, MainMath, VarMath>;
+  using Layout = TileSmem<acc_t, MainMath, VarMath, ProjMath>;
+  constexpr bool kProjected = kRuns<ProjMath>;
   extern __shared__ __align__(128) unsigned char smem[];
   const PairwiseParams& in = params.in;
   const PairOperands<scalar_t> ops(in);
-  const MomentsEpilogue<acc_t, kHasVar<VarMath>> epilogue(in, smem, Layout::kAccTileBytes);
+  const MomentsEpilogue<acc_t, kRuns<VarMath>, kProjected> epilogue(in, smem, Layout{});
   const acc_t kappa = static_cast<acc_t>(params.kappa);
   const int k = static_cast<int>(params.k);
   // The lists, after the tiles: key, mean, var [64][k] acc_t, then index [64][k] int32.
@@ -390,7 +450,7 @@ __global__ void __launch_bounds__(kThreads) topk_segment_kernel(TopkParams param
 
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t m0 = tile * kTile;
-    compute_tile<scalar_t, MainMath, VarMath>(ops, n0, m0, smem);
+    compute_tile<scalar_t, MainMath, VarMath, ProjMath>(ops, n0, m0, smem);
 
     // Lane l scores columns l and l + 32 of the tile for each of its warp's rows.
     bool column_ok[2];
@@ -399,12 +459,12 @@ __global__ void __launch_bounds__(kThreads) topk_segment_kernel(TopkParams param
     for (int h = 0; h < 2; ++h) {
       const int64_t j = m0 + lane + 32 * h;
       column_ok[h] = j < in.m;
-      ys[h] = column_ok[h] ? load_stats<acc_t>(in.y_stats, j) : Stats<acc_t>{acc_t(0), acc_t(0), acc_t(0)};
+      ys[h] = column_ok[h] ? load_stats<acc_t, kProjected>(in.y_stats, j) : Stats<acc_t>{};
     }
     for (int rr = 0; rr < kRowsPerWarp; ++rr) {
       const int r = warp * kRowsPerWarp + rr;
       if (n0 + r >= in.n) break;  // warp-uniform
-      const Stats<acc_t> xs = load_stats<acc_t>(in.x_stats, n0 + r);
+      const Stats<acc_t> xs = load_stats<acc_t, kProjected>(in.x_stats, n0 + r);
       const RowList<acc_t> list = row_list(r);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -515,24 +575,28 @@ int device_attribute(cudaDeviceAttr attribute, int device) {
   return value;
 }
 
-// Calls f(MainMath{}, VarMath{}) with the GEMM policies of this input dtype, var features and tf32 setting.
+// Calls f(MainMath{}, VarMath{}, ProjMath{}) with the GEMM policies of this input dtype, tf32 setting, var
+// features and projection (NoMath for a GEMM that does not run). Every GEMM of accumulation-dtype operands
+// (var features, projection, and the main one of fp32/fp64 input) takes the same policy: tf32 tensor
+// cores or CUDA-core FMA for fp32, FMA for fp64.
 template <typename scalar_t, typename F>
-void dispatch_math(bool tf32, bool has_var, F&& f) {
+void dispatch_math(bool tf32, bool has_var, bool has_proj, F&& f) {
   using gemm_tile::SimtMath;
   using gemm_tile::Tf32Math;
+  const auto with = [&](auto main_math, auto acc_math) {
+    using AccMath = decltype(acc_math);
+    if (has_var && has_proj) f(main_math, AccMath{}, AccMath{});
+    else if (has_var) f(main_math, AccMath{}, NoMath{});
+    else if (has_proj) f(main_math, NoMath{}, AccMath{});
+    else f(main_math, NoMath{}, NoMath{});
+  };
   if constexpr (std::is_same_v<scalar_t, double>) {
-    if (has_var) f(SimtMath<double>{}, SimtMath<double>{}); else f(SimtMath<double>{}, NoVarMath{});
+    with(SimtMath<double>{}, SimtMath<double>{});
   } else if constexpr (std::is_same_v<scalar_t, float>) {
-    if (tf32) {
-      if (has_var) f(Tf32Math{}, Tf32Math{}); else f(Tf32Math{}, NoVarMath{});
-    } else {
-      if (has_var) f(SimtMath<float>{}, SimtMath<float>{}); else f(SimtMath<float>{}, NoVarMath{});
-    }
+    if (tf32) with(Tf32Math{}, Tf32Math{}); else with(SimtMath<float>{}, SimtMath<float>{});
   } else {
     using MainMath = gemm_tile::Wmma16Math<scalar_t>;
-    if (!has_var) f(MainMath{}, NoVarMath{});
-    else if (tf32) f(MainMath{}, Tf32Math{});
-    else f(MainMath{}, SimtMath<float>{});
+    if (tf32) with(MainMath{}, Tf32Math{}); else with(MainMath{}, SimtMath<float>{});
   }
 }
 
@@ -559,60 +623,62 @@ void check_device(const char* op, int device) {
   TORCH_CHECK(major >= 8, op, ": the CUDA kernels need compute capability 8.0 or newer, got ", major, ".x");
 }
 
+// The parameters of one pairwise launch (tensors undefined where absent; all but x, y, xa, ya contiguous).
+// The caller keeps every tensor alive while the kernel runs.
+PairwiseParams cuda_pairwise_params(const at::Tensor& x, const at::Tensor& y, const at::Tensor& xs,
+                                    const at::Tensor& ys, const at::Tensor& xv, const at::Tensor& yv,
+                                    const at::Tensor& xa, const at::Tensor& ya, const at::Tensor& xp,
+                                    const at::Tensor& yp, double scale, double bias, double trace_cross) {
+  PairwiseParams p = make_pairwise_params(x, y, xs, ys, xv.defined() ? &xv : nullptr, yv.defined() ? &yv : nullptr,
+                                          scale, bias, trace_cross);
+  if (xp.defined()) {
+    p.x_proj = xp.const_data_ptr();
+    p.y_proj = yp.const_data_ptr();
+    p.x_acc = xa.const_data_ptr();
+    p.x_acc_row_stride = xa.stride(0);
+    p.x_acc_col_stride = xa.stride(1);
+    p.y_acc = ya.const_data_ptr();
+    p.y_acc_row_stride = ya.stride(0);
+    p.y_acc_col_stride = ya.stride(1);
+  }
+  return p;
+}
+
+// The means in the accumulation dtype, the projection GEMMs' operands: the tensor itself for fp32/fp64.
+at::Tensor in_acc_dtype(const at::Tensor& t) {
+  const auto acc = moments_acc_dtype(t.scalar_type());
+  return t.scalar_type() == acc ? t : t.to(acc);
+}
+
 // Launches the fused pairwise kernel; the caller has checked and filled the parameters (n, m > 0).
-void launch_pairwise_moments(const PairwiseMomentsParams& params, c10::ScalarType dtype, bool has_var,
+void launch_pairwise_moments(const PairwiseMomentsParams& params, c10::ScalarType dtype, bool has_var, bool has_proj,
                              cudaStream_t stream) {
   const int64_t tiles = ceil_div(params.in.n, kTile) * ceil_div(params.in.m, kTile);
   const auto blocks = static_cast<unsigned>(std::min<int64_t>(tiles, std::numeric_limits<int32_t>::max()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pairwise_moments_cuda", [&] {
-    dispatch_math<scalar_t>(use_tf32(), has_var, [&](auto main_math, auto var_math) {
+    dispatch_math<scalar_t>(use_tf32(), has_var, has_proj, [&](auto main_math, auto var_math, auto proj_math) {
       using MainMath = decltype(main_math);
       using VarMath = decltype(var_math);
-      const size_t smem = TileSmem<at::opmath_type<scalar_t>, MainMath, VarMath>::kBytes;
+      using ProjMath = decltype(proj_math);
+      const size_t smem = TileSmem<at::opmath_type<scalar_t>, MainMath, VarMath, ProjMath>::kBytes;
       const auto launch = [&](auto kernel) {
         allow_dynamic_smem(kernel, c10::cuda::current_device());
         kernel<<<blocks, kThreads, smem, stream>>>(params);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      switch (static_cast<MomentsOutput>(params.output)) {
-        case MomentsOutput::kMean: launch(pairwise_moments_kernel<scalar_t, MainMath, VarMath, 0>); break;
-        case MomentsOutput::kProbitLogit: launch(pairwise_moments_kernel<scalar_t, MainMath, VarMath, 1>); break;
-        default: launch(pairwise_moments_kernel<scalar_t, MainMath, VarMath, 2>); break;
+      if constexpr (kRuns<ProjMath>) {  // one kernel for the three outputs
+        launch(pairwise_moments_kernel<scalar_t, MainMath, VarMath, ProjMath, kRuntimeOutput>);
+      } else {
+        switch (static_cast<MomentsOutput>(params.output)) {
+          case MomentsOutput::kMean: launch(pairwise_moments_kernel<scalar_t, MainMath, VarMath, ProjMath, 0>); break;
+          case MomentsOutput::kProbitLogit:
+            launch(pairwise_moments_kernel<scalar_t, MainMath, VarMath, ProjMath, 1>);
+            break;
+          default: launch(pairwise_moments_kernel<scalar_t, MainMath, VarMath, ProjMath, 2>); break;
+        }
       }
     });
   });
-}
-
-// mean and var [N, M] of the projected variant (moments.h): the fused kernel with the first three stats
-// columns gives the mean and the published variance; the correction cos (cos radial - 2 h) is added in
-// the logit scale, s^2 c^2 per pair, and clamped at 0 (NaN stays NaN), as the CPU kernel does.
-std::tuple<at::Tensor, at::Tensor> projected_moments_aten(const at::Tensor& x, const at::Tensor& y,
-                                                          const at::Tensor& xs, const at::Tensor& ys,
-                                                          const at::Tensor& xv, const at::Tensor& yv,
-                                                          const at::Tensor& xp, const at::Tensor& yp, double scale,
-                                                          double bias, double trace_cross, cudaStream_t stream) {
-  const auto acc = moments_acc_dtype(x.scalar_type());
-  const int64_t n = x.size(0), m = y.size(0);
-  at::Tensor mean = at::empty({n, m}, x.options().dtype(acc));  // [N, M]
-  at::Tensor var = at::empty({n, m}, x.options().dtype(acc));   // [N, M]
-  const at::Tensor xs3 = xs.narrow(1, 0, kNumStats).contiguous(), ys3 = ys.narrow(1, 0, kNumStats).contiguous();
-  const PairwiseMomentsParams params{
-      make_pairwise_params(x, y, xs3, ys3, xv.defined() ? &xv : nullptr, yv.defined() ? &yv : nullptr, scale, bias,
-                           trace_cross),
-      static_cast<int64_t>(MomentsOutput::kMean), mean.mutable_data_ptr(), var.mutable_data_ptr()};
-  launch_pairwise_moments(params, x.scalar_type(), xv.defined(), stream);
-  const at::Tensor xa = x.to(acc), ya = y.to(acc);
-  const at::Tensor dot = xa.mm(ya.t());  // [N, M]
-  const at::Tensor inv_mu_x = xs.select(1, kStatInvMuNorm).unsqueeze(1);
-  const at::Tensor inv_mu_y = ys.select(1, kStatInvMuNorm).unsqueeze(0);
-  const at::Tensor h = xp.mm(ya.t()).div(inv_mu_y).add(xa.mm(yp.t()).div(inv_mu_x));  // [N, M]
-  const at::Tensor r_x = xs.select(1, kStatProjQuad).unsqueeze(1), r_y = ys.select(1, kStatProjQuad).unsqueeze(0);
-  const at::Tensor cos = dot.mul(inv_mu_x).mul(inv_mu_y);
-  const at::Tensor radial = r_x.div(inv_mu_y.square()).add(r_y.div(inv_mu_x.square()));
-  const at::Tensor c2 = xs.select(1, kStatInvNorm).unsqueeze(1).mul(ys.select(1, kStatInvNorm).unsqueeze(0)).square();
-  var.add_(c2.mul(scale * scale).mul(cos).mul(cos.mul(radial).sub(h, 2)));
-  var.clamp_min_(0);  // round-off below 0; NaN propagates
-  return {mean, var};
 }
 
 std::tuple<at::Tensor, at::Tensor> pairwise_moments_cuda(const at::Tensor& x,        // [N, D]
@@ -636,35 +702,24 @@ std::tuple<at::Tensor, at::Tensor> pairwise_moments_cuda(const at::Tensor& x,   
   if (n == 0 || m == 0) return {first, var};
   check_device("pairwise_moments", x.device().index());
   const at::Tensor xs = x_stats.contiguous(), ys = y_stats.contiguous();
-  at::Tensor xv, yv;
+  at::Tensor xv, yv, xa, ya, xp, yp;
   if (x_var.has_value()) xv = x_var->contiguous(), yv = y_var->contiguous();
-  if (x_proj.has_value()) {
-    auto [mean, projected_var] = projected_moments_aten(x, y, xs, ys, xv, yv, x_proj->contiguous(),
-                                                        y_proj->contiguous(), scale, bias, trace_cross,
-                                                        c10::cuda::getCurrentCUDAStream());
-    at::Tensor probit = output == static_cast<int64_t>(MomentsOutput::kMean)
-                            ? mean
-                            : mean.div(projected_var.mul(kPiOver8).add(1).sqrt());
-    first.copy_(output == static_cast<int64_t>(MomentsOutput::kSigmoidProbit) ? probit.sigmoid() : probit);
-    var.copy_(projected_var);
-    return {first, var};
-  }
+  if (x_proj.has_value()) xp = x_proj->contiguous(), yp = y_proj->contiguous(), xa = in_acc_dtype(x), ya = in_acc_dtype(y);
   const PairwiseMomentsParams params{
-      make_pairwise_params(x, y, xs, ys, xv.defined() ? &xv : nullptr, yv.defined() ? &yv : nullptr, scale, bias,
-                           trace_cross),
-      output, first.mutable_data_ptr(), var.mutable_data_ptr()};
-  launch_pairwise_moments(params, x.scalar_type(), xv.defined(), c10::cuda::getCurrentCUDAStream());
+      cuda_pairwise_params(x, y, xs, ys, xv, yv, xa, ya, xp, yp, scale, bias, trace_cross), output,
+      first.mutable_data_ptr(), var.mutable_data_ptr()};
+  launch_pairwise_moments(params, x.scalar_type(), xv.defined(), xp.defined(), c10::cuda::getCurrentCUDAStream());
   return {first, var};
 }
 
 // Runs the fused top-k if its lists fit the device's shared memory; returns whether it ran.
-template <typename scalar_t, class MainMath, class VarMath>
+template <typename scalar_t, class MainMath, class VarMath, class ProjMath>
 bool launch_topk_fused(const TopkParams& params, const at::TensorOptions& acc_options, int device,
                        cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
-  const size_t smem = topk_smem_bytes<acc_t, MainMath, VarMath>(params.k);
+  const size_t smem = topk_smem_bytes<acc_t, MainMath, VarMath, ProjMath>(params.k);
   if (smem > static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device))) return false;
-  const auto kernel = topk_segment_kernel<scalar_t, MainMath, VarMath>;
+  const auto kernel = topk_segment_kernel<scalar_t, MainMath, VarMath, ProjMath>;
   allow_dynamic_smem(kernel, device);
   int blocks_per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kThreads, smem));
@@ -721,8 +776,8 @@ at::Tensor nan_last_order(const at::Tensor& key) {
 // block of the gallery at a time, and a stable descending sort of [running top-k | chunk] keeps the
 // best k. Running candidates always have the lower indices, so the stable sort keeps ties by index.
 void topk_streaming_fallback(const at::Tensor& x, const at::Tensor& y, const at::Tensor& xs, const at::Tensor& ys,
-                             const at::Tensor& xv, const at::Tensor& yv, const at::Tensor& xp, const at::Tensor& yp,
-                             double scale, double bias, double trace_cross, int64_t k, int64_t score, double kappa,
+                             const at::Tensor& xv, const at::Tensor& yv, const at::Tensor& xa, const at::Tensor& ya,
+                             const at::Tensor& xp, const at::Tensor& yp, double scale, double bias, double trace_cross, int64_t k, int64_t score, double kappa,
                              at::Tensor& values, at::Tensor& indices, at::Tensor& mean_out, at::Tensor& var_out,
                              cudaStream_t stream) {
   const int64_t n = x.size(0), m = y.size(0);
@@ -734,16 +789,13 @@ void topk_streaming_fallback(const at::Tensor& x, const at::Tensor& y, const at:
     at::Tensor var = at::empty({n, len}, values.options());
     const at::Tensor y_chunk = y.narrow(0, c0, len), ys_chunk = ys.narrow(0, c0, len);
     const at::Tensor yv_chunk = yv.defined() ? yv.narrow(0, c0, len) : at::Tensor();
-    if (xp.defined()) {
-      std::tie(mean, var) = projected_moments_aten(x, y_chunk, xs, ys_chunk, xv, yv_chunk, xp, yp.narrow(0, c0, len),
-                                                   scale, bias, trace_cross, stream);
-    } else {
-      const PairwiseMomentsParams params{
-          make_pairwise_params(x, y_chunk, xs, ys_chunk, xv.defined() ? &xv : nullptr,
-                               yv.defined() ? &yv_chunk : nullptr, scale, bias, trace_cross),
-          static_cast<int64_t>(MomentsOutput::kMean), mean.mutable_data_ptr(), var.mutable_data_ptr()};
-      launch_pairwise_moments(params, x.scalar_type(), xv.defined(), stream);
-    }
+    const at::Tensor ya_chunk = ya.defined() ? ya.narrow(0, c0, len) : at::Tensor();
+    const at::Tensor yp_chunk = yp.defined() ? yp.narrow(0, c0, len) : at::Tensor();
+    const PairwiseMomentsParams params{
+        cuda_pairwise_params(x, y_chunk, xs, ys_chunk, xv, yv_chunk, xa, ya_chunk, xp, yp_chunk, scale, bias,
+                             trace_cross),
+        static_cast<int64_t>(MomentsOutput::kMean), mean.mutable_data_ptr(), var.mutable_data_ptr()};
+    launch_pairwise_moments(params, x.scalar_type(), xv.defined(), xp.defined(), stream);
     at::Tensor key = topk_key_aten(mean, var, score, kappa);
     at::Tensor index = at::arange(c0, c0 + len, indices.options()).expand({n, len});
     if (run_key.defined()) {
@@ -789,15 +841,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_moments_cuda(
   const int device = x.device().index();
   check_device("topk_moments", device);
   const at::Tensor xs = x_stats.contiguous(), ys = y_stats.contiguous();
-  at::Tensor xv, yv, xp, yp;
+  at::Tensor xv, yv, xa, ya, xp, yp;
   if (x_var.has_value()) xv = x_var->contiguous(), yv = y_var->contiguous();
-  if (x_proj.has_value()) xp = x_proj->contiguous(), yp = y_proj->contiguous();
+  if (x_proj.has_value()) xp = x_proj->contiguous(), yp = y_proj->contiguous(), xa = in_acc_dtype(x), ya = in_acc_dtype(y);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   bool fused = false;
-  if (!xp.defined() && k <= kMaxFusedK && m <= std::numeric_limits<int32_t>::max()) {  // list indices are int32
-    const TopkParams params{make_pairwise_params(x, y, xs, ys, xv.defined() ? &xv : nullptr,
-                                                 yv.defined() ? &yv : nullptr, scale, bias, trace_cross),
+  if (k <= kMaxFusedK && m <= std::numeric_limits<int32_t>::max()) {  // list indices are int32
+    const TopkParams params{cuda_pairwise_params(x, y, xs, ys, xv, yv, xa, ya, xp, yp, scale, bias, trace_cross),
                             k,
                             score,
                             kappa,
@@ -806,14 +857,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_moments_cuda(
                             mean.mutable_data_ptr(),
                             var.mutable_data_ptr()};
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "topk_moments_cuda", [&] {
-      dispatch_math<scalar_t>(use_tf32(), xv.defined(), [&](auto main_math, auto var_math) {
-        fused = launch_topk_fused<scalar_t, decltype(main_math), decltype(var_math)>(params, acc_options, device,
-                                                                                     stream);
+      dispatch_math<scalar_t>(use_tf32(), xv.defined(), xp.defined(), [&](auto main_math, auto var_math,
+                                                                          auto proj_math) {
+        fused = launch_topk_fused<scalar_t, decltype(main_math), decltype(var_math), decltype(proj_math)>(
+            params, acc_options, device, stream);
       });
     });
   }
   if (!fused) {
-    topk_streaming_fallback(x, y, xs, ys, xv, yv, xp, yp, scale, bias, trace_cross, k, score, kappa, values, indices,
+    topk_streaming_fallback(x, y, xs, ys, xv, yv, xa, ya, xp, yp, scale, bias, trace_cross, k, score, kappa, values, indices,
                             mean, var, stream);
   }
   return {values, indices, mean, var};
