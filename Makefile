@@ -18,7 +18,7 @@ $(VENV)/.deps-installed: constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt --upgrade pip setuptools wheel ninja cmake
 	$(PIP) install -q -c constraints.txt torch torchvision
-	$(PIP) install -q -c constraints.txt numpy safetensors tqdm pytest hypothesis pytest-benchmark scipy scikit-learn torchmetrics open_clip_torch transformers matplotlib
+	$(PIP) install -q -c constraints.txt numpy safetensors tqdm pytest hypothesis pytest-benchmark scipy scikit-learn faiss-cpu torchmetrics open_clip_torch transformers matplotlib
 	touch $@
 
 # --no-deps: the dependencies are installed above, pinned; --no-build-isolation: reuse that torch.

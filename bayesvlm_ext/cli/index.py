@@ -14,6 +14,7 @@ import torch
 from .._validation import accumulation_dtype
 from ..distributed import all_ranks, rank0_name
 from ..index import DEFAULT_SHARD_ROWS, IndexWriter, first_non_finite_row, new_generation
+from ..index.ann import ANN_KINDS, AnnSpec, faiss_module
 from ..probvlm import DEFAULT_EMBED_OPTIONS, MeanSource, Uncertainty
 from .common import (CommandError, check_at_least_one, check_logit_scale_option, check_model_directory,
                      check_output_directory, load_models)
@@ -34,6 +35,15 @@ _ADAPTER_OPTIONS = {
                         f"{DEFAULT_EMBED_OPTIONS['mean']})"),
 }
 
+
+# `index` options for --ann only (AnnSpec's fields); None when not given.
+_ANN_OPTIONS = {
+    "--ann-nlist": "with --ann ivf-*: IVF lists per shard (default 4 sqrt(rows), at most rows / 39)",
+    "--ann-nprobe": "with --ann ivf-*: lists scanned per query, retrieve's default (default 32)",
+    "--ann-pq-m": "with --ann ivf-pq: sub-quantisers, a divisor of D (default the largest divisor <= D / 8)",
+    "--ann-hnsw-m": "with --ann hnsw: links per item (default 32)",
+    "--ann-train-rows": "with --ann ivf-*: training sample per shard (default 65536)",
+}
 
 _EMBED_OPTION_NAMES = {"uncertainty": "uncertainty", "mc_samples": "num_samples", "mc_seed": "seed", "mean": "mean"}
 
@@ -67,6 +77,11 @@ def add_parser(commands) -> argparse.ArgumentParser:
                        help="seeds the random initialisation when there is no --pretrained")
     for option, value in _ADAPTER_OPTIONS.items():
         index.add_argument(option, **value)
+    index.add_argument("--ann", choices=ANN_KINDS, default=None,
+                       help="also build a FAISS structure per shard, for `retrieve --candidates` (approximate "
+                            "candidates, exact scores; needs faiss-cpu)")
+    for option, help_text in _ANN_OPTIONS.items():
+        index.add_argument(option, type=int, default=None, help=help_text)
     index.add_argument("--quiet", action="store_true", help="no progress bar")
 
     return index
@@ -89,6 +104,17 @@ def checked_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> a
                 setattr(args, name, DEFAULT_EMBED_OPTIONS[option])
         if args.mc_samples < 2:
             parser.error(f"--mc-samples must be at least 2, got {args.mc_samples}")
+    given = [option for option in _ANN_OPTIONS if getattr(args, option[2:].replace("-", "_")) is not None]
+    if args.ann is None and given:
+        parser.error(f"{', '.join(given)} apply to --ann only")
+    args.ann_spec = None
+    if args.ann is not None:
+        options = {option[6:].replace("-", "_"): getattr(args, option[2:].replace("-", "_")) for option in given}
+        try:
+            args.ann_spec = AnnSpec(args.ann, **options)
+            faiss_module()
+        except (ValueError, ImportError) as error:
+            parser.error(f"--ann {args.ann}: {error}")
     if args.features is not None and not os.path.isfile(args.features):
         parser.error(f"--features {args.features}: no such file")
     if args.images is not None:
@@ -148,7 +174,7 @@ def _index(args: argparse.Namespace, rank: int, world: int, device: torch.device
         writer = IndexWriter.for_posteriors(args.out, gallery_posterior, query_posterior, len(source), dtype,
                                             embed_options, shard_rows=args.shard_rows, ids=ids, tower=args.tower,
                                             logit_scale=logit_scale, logit_bias=logit_bias, generation=generation,
-                                            projected=args.projected)
+                                            projected=args.projected, ann=args.ann_spec)
     except (CommandError, ValueError, OSError) as error:
         say(f"error: {error}", file=sys.stderr)
         return 1

@@ -43,6 +43,13 @@ def add_parser(commands) -> argparse.ArgumentParser:
     retrieve.add_argument("--projected", action="store_true",
                           help="the \"projected\" logit variance (SPEC.md section 4) instead of the published one; "
                                "fastest on an index built with --projected")
+    retrieve.add_argument("--candidates", type=int, default=None,
+                          help="approximate search on an index built with --ann: items proposed per query and shard "
+                               "by its FAISS structure, then scored exactly (at least --k; default: exact search)")
+    retrieve.add_argument("--nprobe", type=int, default=None,
+                          help="with --candidates, IVF structures: lists scanned per query (default: the index's)")
+    retrieve.add_argument("--ef-search", type=int, default=None,
+                          help="with --candidates, HNSW: search breadth (default: max(--candidates, the index's))")
     retrieve.add_argument("--out", required=True, help="JSONL file: one line per query")
     retrieve.add_argument("--batch-size", type=int, default=256, help="queries per pass over the gallery")
     retrieve.add_argument("--logit-scale", type=float, default=None, help="log s (default: the index's)")
@@ -59,6 +66,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def checked_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
     """The options checked before any work (parser.error: exit 2, naming the option)."""
     check_at_least_one(parser, args, ("k", "batch_size"))
+    if args.candidates is None and (args.nprobe is not None or args.ef_search is not None):
+        parser.error("--nprobe and --ef-search tune the approximate search: give --candidates too")
+    for name in ("candidates", "nprobe", "ef_search"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.candidates is not None and args.candidates < args.k:
+        parser.error(f"--candidates {args.candidates} must be at least --k {args.k}")
     for name in ("kappa", "logit_scale", "logit_bias"):
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
@@ -107,6 +122,13 @@ def _retrieve(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                                f"needs {'D' if args.adapter else 'P'} = {query_posterior.in_features}")
         if args.adapter is not None and queries.residual is not None:
             raise CommandError(f"--queries {args.queries}: holds a 'residual', which a ProbVLM adapter does not use")
+        if args.candidates is not None and index.ann is None:
+            raise CommandError(f"--candidates needs an index built with `index --ann`; {args.index} has no ANN "
+                               "structure (drop --candidates for the exact search)")
+        if args.candidates is not None and index.ann.kind == "hnsw" and args.nprobe is not None:
+            raise CommandError(f"--nprobe applies to IVF structures; {args.index} has 'hnsw' (use --ef-search)")
+        if args.candidates is not None and index.ann.kind != "hnsw" and args.ef_search is not None:
+            raise CommandError(f"--ef-search applies to HNSW; {args.index} has '{index.ann.kind}' (use --nprobe)")
         if args.k > len(index):
             raise CommandError(f"--k {args.k} is larger than the gallery ({len(index)} items in {args.index})")
         logit_scale = index.logit_scale if args.logit_scale is None else args.logit_scale
@@ -143,7 +165,8 @@ def _retrieve(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                     embedded = EmbeddingDistribution(embedded.mean, embedded.covariance.replace(shared=cross_shared))
                 result = search(index, embedded, k, args.score, args.kappa, logit_scale=logit_scale,
                                 logit_bias=logit_bias, shards=blocks[rank],
-                                variant="projected" if args.projected else None)
+                                variant="projected" if args.projected else None, candidates=args.candidates,
+                                nprobe=args.nprobe, ef_search=args.ef_search)
                 if world > 1:
                     parts = gather_topk(result, counts, k)
                     result = merge_topk(parts, k, args.score, args.kappa) if rank == 0 else None

@@ -9,7 +9,8 @@ still rotate each shard's means into the query basis, O(m D^2) per shard and pas
 
   index.json               format, version, generation (the folder holding the files below), rows M, dim D,
                            form, dtype, tower, logit scale and bias (or null), the posteriors' hyper-parameters,
-                           the shard list [{file, start, stop}], ids kind, projection (absent: false)
+                           the shard list [{file, start, stop}], ids kind, projection (absent: false), ann
+                           (null or absent: exact search only; else AnnSpec's fields: kind and parameters)
   gen-<time>-<random>/     one generation: every file below; a rewrite makes a new one beside it
   shared.safetensors       what all items share: "shared" [D, D], "shared_eigvals" [D], "basis" [D, D]
                            (kron form), "basis" (eigen form); "cross_shared" [D, D], the query side's
@@ -19,6 +20,7 @@ still rotate each shard's means into the query basis, O(m D^2) per shard and pas
   ...                      "sq_norm" [m], "cross_quad" [m] (when there is cross_shared), "row" [m] int64,
                            and with "projection": true in index.json "proj_applied" [m, D] (S u),
                            "proj_inv_mu_norm" [m], "proj_r" [m] (the "projected" variance, SPEC.md section 4)
+  ann-00000.faiss          with "ann": shard 0's FAISS structure over its items (bayesvlm_ext.index.ann), ...
   ids.safetensors          "ids" [M] int64, when the ids are integers (else ids.json, a list of strings;
                            neither when the ids are the row numbers)
 
@@ -41,12 +43,14 @@ mapped file stays readable after it is unlinked, and its searches give the old r
 a rewrite runs. Version 1 indexes (the files beside index.json, no generation) are still read.
 
 Modules: `layout` (file names, the manifest, generation names), `writer` (IndexWriter, build_index,
-save_index, the atomic switch), `reader` (RetrievalIndex, open_index, search).
+save_index, the atomic switch), `reader` (RetrievalIndex, open_index, search), `ann` (FAISS candidates, exact
+re-scoring: `search(..., candidates=C)` on an index built with `ann=`).
 """
 
+from .ann import ANN_KINDS, AnnSpec
 from .layout import DEFAULT_SHARD_ROWS, first_non_finite_row, new_generation, shard_ranges
 from .reader import RetrievalIndex, ShardInfo, open_index, search
 from .writer import IndexWriter, build_index, save_index
 
-__all__ = ["IndexWriter", "RetrievalIndex", "ShardInfo", "build_index", "save_index", "open_index", "search",
-           "shard_ranges", "new_generation", "first_non_finite_row", "DEFAULT_SHARD_ROWS"]
+__all__ = ["AnnSpec", "ANN_KINDS", "IndexWriter", "RetrievalIndex", "ShardInfo", "build_index", "save_index",
+           "open_index", "search", "shard_ranges", "new_generation", "first_non_finite_row", "DEFAULT_SHARD_ROWS"]

@@ -32,6 +32,10 @@ def shard_file_name(number: int) -> str:
     return f"shard-{number:05d}.safetensors"
 
 
+def ann_file_name(number: int) -> str:  # the FAISS index of shard `number` (indexes built with `ann`)
+    return f"ann-{number:05d}.faiss"
+
+
 def new_generation() -> str:
     """A fresh generation folder name, "gen-<nanoseconds since the epoch, 20 digits>-<random hex>".
 

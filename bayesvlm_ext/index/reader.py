@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .._validation import accumulation_dtype
+from .._validation import accumulation_dtype, parse_enum
 from ..covariance import COVARIANCE_TYPES, CovarianceForm
 from ..distribution import EmbeddingDistribution
 from ..retrieval import Score, merge_topk, topk
 from ..storage import MappedSafetensors
+from .ann import AnnSpec, faiss_module, propose, query_vectors, rescore, search_params
 from .layout import (DTYPE_NAMES, FORMAT, GENERATION_PATTERN, IDS_JSON_FILE, IDS_TENSOR_FILE, MANIFEST_FILE,
-                     PROJECTION_TENSORS, READABLE_VERSIONS, SHARED_FILE, read_manifest)
+                     PROJECTION_TENSORS, READABLE_VERSIONS, SHARED_FILE, ann_file_name, read_manifest)
 
 OPEN_ATTEMPTS = 5  # re-reads of index.json when a rewrite removed the files of the one just read
 
@@ -84,6 +87,7 @@ class RetrievalIndex:
             self.posteriors = manifest["posteriors"]
             ids_kind, has_cross_quad, shards = manifest["ids"], manifest["cross_quad"], manifest["shards"]
             self.projected = manifest.get("projection", False)  # absent in indexes written before it existed
+            self.ann = AnnSpec.parse(manifest.get("ann"))  # None: exact search only
         except (KeyError, ValueError, TypeError) as error:
             raise ValueError(f"index {self.directory}: {MANIFEST_FILE} is corrupt ({type(error).__name__}: {error})") \
                 from None
@@ -102,7 +106,7 @@ class RetrievalIndex:
             expected["cross_quad"] = (self.dtype, False)
         if self.projected:
             expected |= {name: (self.dtype, name == "proj_applied") for name in PROJECTION_TENSORS}
-        self.shards, self._headers, position = [], [], 0
+        self.shards, self._headers, self._ann_files, self._ann_cache, position = [], [], [], {}, 0
         for number, entry in enumerate(shards):
             try:
                 name = entry["file"]
@@ -118,6 +122,8 @@ class RetrievalIndex:
             for name, (dtype, width) in expected.items():
                 header.expect(name, dtype, (len(info), self.dim) if width else (len(info),))
             header.map()
+            if self.ann is not None:  # mapped now, read into FAISS on first use: the snapshot holds it too
+                self._ann_files.append(_map_file(os.path.join(folder, ann_file_name(number))))
             self.shards.append(info)
             self._headers.append(header)
             position = info.stop
@@ -165,6 +171,15 @@ class RetrievalIndex:
                                      cross_quad=get("cross_quad") if cross is not None else None,
                                      projection=projection)
 
+    def ann_index(self, number: int):
+        """Shard `number`'s FAISS structure (indexes built with `ann`), read from its mapping on first use."""
+        number = self._check_number(number)
+        if self.ann is None:
+            raise ValueError(f"index {self.directory} has no ANN structure: build it with ann= (CLI: index --ann)")
+        if number not in self._ann_cache:
+            self._ann_cache[number] = faiss_module().deserialize_index(self._ann_files[number])
+        return self._ann_cache[number]
+
     def shard_rows(self, number: int) -> Tensor:  # [m] int64 gallery rows, memory-mapped
         return self._headers[self._check_number(number)].tensor("row")
 
@@ -199,6 +214,9 @@ def search(
     logit_bias: float | Tensor | None = None,  # default: the index's, else 0
     shards: Iterable[int] | None = None,  # which shards to search (default all): one rank's share
     variant: str | None = None,  # moment variant, as in cosine_moments
+    candidates: int | None = None,  # C >= k: ask each shard's ANN structure for C items per query, score them exactly
+    nprobe: int | None = None,  # IVF lists scanned per query (default: the index's ann.nprobe)
+    ef_search: int | None = None,  # HNSW breadth (default: max(C, the index's ann.ef_search))
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # values, gallery rows (int64), mean, var: [N, min(k, rows searched)]
     """The k best gallery rows per query by `score`, streamed shard by shard (SPEC.md section 7).
 
@@ -207,6 +225,12 @@ def search(
     and equals `topk` over the whole gallery whenever both score each pair to the same bits. Memory:
     one shard's mapping plus O(N k); no [N, M] matrix. With `shards`, only those are searched and the
     result has min(k, their rows) columns; merging such results with `merge_topk` gives the full answer.
+
+    With `candidates=C` (an index built with `ann`), each shard's FAISS structure proposes C items per query
+    by the mean logit's inner product and the moment kernel scores them exactly (`bayesvlm_ext.index.ann`):
+    values, mean and variance are exact, the order among the candidates too; recall against the exact search
+    depends on C, `nprobe` / `ef_search` and, for the uncertainty scores, on how far their order departs
+    from the mean's (README, "Approximate search"). Memory: O(N C) per shard.
     """
     if not isinstance(index, RetrievalIndex):
         raise ValueError(f"argument 'index' must be a RetrievalIndex (open_index), got {type(index).__name__}")
@@ -225,13 +249,22 @@ def search(
     numbers = list(range(len(index.shards))) if shards is None else [index._check_number(n) for n in shards]
     if len(set(numbers)) != len(numbers):
         raise ValueError(f"argument 'shards' must not repeat a shard, got {numbers}")
+    approximate = _check_ann_options(index, k, candidates, nprobe, ef_search)
+    if approximate:
+        score, vectors = parse_enum("score", score, Score), query_vectors(queries)
     best = None
     for number in numbers:
         gallery = index.shard(number)
         if gallery.device != queries.device:
             gallery = gallery.to(queries.device)
-        values, local, mean, var = topk(queries, gallery, min(k, len(gallery)), score, kappa,
-                                        logit_scale=logit_scale, logit_bias=logit_bias, variant=variant)
+        if approximate:
+            structure, count = index.ann_index(number), min(candidates, len(gallery))
+            local = propose(structure, vectors, count, search_params(structure, index.ann, count, nprobe, ef_search))
+            values, local, mean, var = rescore(queries, gallery, local, k, score, kappa, logit_scale, logit_bias,
+                                               variant)
+        else:
+            values, local, mean, var = topk(queries, gallery, min(k, len(gallery)), score, kappa,
+                                            logit_scale=logit_scale, logit_bias=logit_bias, variant=variant)
         part = (values, index.shard_rows(number).to(queries.device)[local], mean, var)
         best = part if best is None else merge_topk([best, part], min(k, best[0].shape[1] + values.shape[1]),
                                                     score, kappa)
@@ -240,6 +273,33 @@ def search(
         empty = torch.empty(len(queries), 0, dtype=dtype, device=queries.device)
         return empty, torch.empty(len(queries), 0, dtype=torch.int64, device=queries.device), empty, empty.clone()
     return best
+
+
+def _check_ann_options(index: RetrievalIndex, k: int, candidates, nprobe, ef_search) -> bool:
+    """Whether the search is approximate; ValueError for options that do not fit the index or each other."""
+    for name, value in (("candidates", candidates), ("nprobe", nprobe), ("ef_search", ef_search)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"argument '{name}' must be an int >= 1 or None, got {value!r}")
+    if candidates is None:
+        if nprobe is not None or ef_search is not None:
+            raise ValueError("arguments 'nprobe' and 'ef_search' tune the approximate search: give 'candidates' too")
+        return False
+    if index.ann is None:
+        raise ValueError(f"argument 'candidates' needs an index built with an ANN structure (build_index(..., ann=), "
+                         f"CLI: index --ann); {index.directory} has none: search it exactly (candidates=None)")
+    if candidates < k:
+        raise ValueError(f"argument 'candidates' must be >= k = {k} (the items scored exactly per shard), got "
+                         f"{candidates}")
+    if nprobe is not None and index.ann.kind == "hnsw":
+        raise ValueError("argument 'nprobe' applies to IVF structures; this index's is 'hnsw' (use ef_search)")
+    if ef_search is not None and index.ann.kind != "hnsw":
+        raise ValueError(f"argument 'ef_search' applies to HNSW; this index's is '{index.ann.kind}' (use nprobe)")
+    return True
+
+
+def _map_file(path: str) -> np.ndarray:  # [bytes] uint8, read-only, valid after the file is unlinked
+    with open(path, "rb") as f:
+        return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
 
 
 def _int(manifest: dict, key: str, least: int) -> int:

@@ -11,15 +11,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._files import output_directory, sync_folder, write_json
+from .._files import output_directory, replacing, sync_folder, write_json
 from .._validation import accumulation_dtype, check_tensor
 from ..distribution import EmbeddingDistribution
 from ..posterior import KronPosterior
 from ..probvlm import ProbVLMAdapter
 from ..storage import save_aligned
+from .ann import AnnSpec, ann_vectors, build as build_ann, faiss_module
 from .layout import (DEFAULT_SHARD_ROWS, DTYPE_NAMES, FORMAT, GENERATION_PATTERN, IDS_JSON_FILE, IDS_TENSOR_FILE,
                      LOCK_FILE, MANIFEST_FILE, PROJECTION_TENSORS, SHARED_FILE, VERSION, first_non_finite_row,
-                     new_generation, published_generation, shard_file_name, shard_ranges)
+                     ann_file_name, new_generation, published_generation, shard_file_name, shard_ranges)
 from .reader import RetrievalIndex, open_index
 
 class IndexWriter:
@@ -39,7 +40,7 @@ class IndexWriter:
     def __init__(self, directory: str | os.PathLike, template: EmbeddingDistribution, rows: int, *,
                  shard_rows: int = DEFAULT_SHARD_ROWS, ids: Tensor | Sequence | None = None, tower: str | None = None,
                  logit_scale: float | None = None, logit_bias: float | None = None, posteriors: dict | None = None,
-                 generation: str | None = None, projected: bool = False):
+                 generation: str | None = None, projected: bool = False, ann: AnnSpec | str | dict | None = None):
         if generation is None:
             generation = new_generation()
         if not isinstance(generation, str) or not GENERATION_PATTERN.fullmatch(generation):
@@ -67,6 +68,9 @@ class IndexWriter:
         if not isinstance(projected, bool):
             raise ValueError(f"argument 'projected' must be True or False, got {projected!r}")
         self.projected = projected  # store each item's projection statistics (the "projected" variance)
+        self.ann = AnnSpec.parse(ann)  # a FAISS structure per shard (index.ann)
+        if self.ann is not None:
+            faiss_module()  # a missing FAISS fails here, before any work
         self.directory = output_directory(self.directory, "argument 'directory'")
         self.generation = generation
         self.folder = os.path.join(self.directory, generation)  # created by the first write
@@ -168,6 +172,10 @@ class IndexWriter:
         tensors["row"] = torch.arange(start, stop, dtype=torch.int64)
         os.makedirs(self.folder, exist_ok=True)
         save_aligned(tensors, os.path.join(self.folder, shard_file_name(number)))
+        if self.ann is not None:
+            structure = build_ann(ann_vectors(part), self.ann, number)
+            with replacing(os.path.join(self.folder, ann_file_name(number)), f"index {self.directory}") as temporary:
+                faiss_module().write_index(structure, temporary)
 
     def finish(self) -> None:
         """Writes shared.safetensors and the ids into the generation, then switches the index over to it.
@@ -179,6 +187,8 @@ class IndexWriter:
         writer's clean-up removed is an error here, never an index.json naming missing files.
         """
         files = [shard_file_name(n) for n in range(self.num_shards)]
+        if self.ann is not None:
+            files += [ann_file_name(n) for n in range(self.num_shards)]
         missing = [name for name in files if not os.path.isfile(os.path.join(self.folder, name))]
         if missing:
             raise ValueError(f"index {self.directory}: {len(missing)} shard(s) not written yet, e.g. {missing[0]}")
@@ -196,7 +206,7 @@ class IndexWriter:
                     "dim": self.dim, "form": self.form.value, "dtype": DTYPE_NAMES[self.dtype], "tower": self.tower,
                     "shard_rows": self.shard_rows, "logit_scale": self.logit_scale, "logit_bias": self.logit_bias,
                     "ids": self.ids_kind, "cross_quad": self.cross_shared is not None, "posteriors": self.posteriors,
-                    "projection": self.projected,
+                    "projection": self.projected, "ann": None if self.ann is None else self.ann.to_dict(),
                     "shards": [{"file": shard_file_name(n), "start": start, "stop": stop}
                                for n, (start, stop) in enumerate(self.ranges)]}
         with _switch_lock(self.directory):
@@ -252,6 +262,7 @@ def build_index(
     logit_scale: float | None = None,  # log s, stored as the default for search
     logit_bias: float | None = None,
     projected: bool = False,  # also store the "projected" variance's per-item statistics (S u: D more per item)
+    ann: AnnSpec | str | dict | None = None,  # a FAISS structure per shard: "ivf-flat", "ivf-pq", "hnsw" (index.ann)
 ) -> "RetrievalIndex":
     """Embeds a gallery shard by shard into an index at `directory` and opens it (SPEC.md sections 3 and 7).
 
@@ -260,6 +271,8 @@ def build_index(
     index with the adapter's fingerprint), `batch_size` rows at a time from the shard's first row: memory
     beyond `features` is one shard.
     Statistics are stored in the accumulation dtype of `features` (float64 for float64, else float32).
+    With `ann`, each shard also gets a FAISS structure over its items (`index.ann`), which `search(...,
+    candidates=C)` asks for candidates before scoring them exactly; exact search stays the default.
     An index already at `directory` is replaced atomically (a new generation, see the module docstring); a
     failure (say, a non-finite feature: ValueError naming its row) leaves it as it was.
     """
@@ -274,7 +287,7 @@ def build_index(
     writer = IndexWriter.for_posteriors(directory, gallery_posterior, query_posterior, features.shape[0],
                                         accumulation_dtype(features.dtype), embed_options, shard_rows=shard_rows,
                                         ids=ids, tower=tower, logit_scale=logit_scale, logit_bias=logit_bias,
-                                        projected=projected)
+                                        projected=projected, ann=ann)
     with _aborting_on_failure(writer):
         for number, (start, stop) in enumerate(writer.ranges):
             writer.embed_shard(number, features[start:stop], None if residual is None else residual[start:stop],
@@ -293,6 +306,7 @@ def save_index(
     logit_scale: float | None = None,
     logit_bias: float | None = None,
     projected: bool | None = None,  # store the projection statistics; None: when `gallery` caches them
+    ann: AnnSpec | str | dict | None = None,  # a FAISS structure per shard (see build_index)
 ) -> "RetrievalIndex":
     """Writes an embedded gallery (any form: kron, eigen or diag) as an index and opens it.
 
@@ -306,7 +320,7 @@ def save_index(
         raise ValueError("argument 'gallery' must have at least one item (an index of nothing cannot be searched)")
     writer = IndexWriter(directory, gallery, len(gallery), shard_rows=shard_rows, ids=ids, tower=tower,
                          logit_scale=logit_scale, logit_bias=logit_bias,
-                         projected=gallery.projection is not None if projected is None else projected)
+                         projected=gallery.projection is not None if projected is None else projected, ann=ann)
     with _aborting_on_failure(writer):
         for number, (start, stop) in enumerate(writer.ranges):
             writer.write(number, gallery[start:stop])
