@@ -8,6 +8,7 @@
     mean, var = vlm.logits(img, txt)                        # [N, M] logit moments (SPEC 4)
     clf = vlm.zero_shot(class_tokens);  clf.predict(pixels) # [N, C] probabilities (SPEC 5)
     vals, idx, mean, var = vlm.topk(txt, img, k=10, score="probit")   # SPEC 7
+    vals, rows, mean, var = vlm.search(index, txt, 10, "probit", candidates=100)  # an on-disk index (SPEC 7)
     vlm.update(labelled_pixels, clf)                        # online update of the image tower (SPEC 8)
     vlm.tune(val_pixels, val_labels, clf)                   # SPEC 2: n on held-out data, lambda by the evidence
 
@@ -331,6 +332,23 @@ class BayesVLM:
         """The k best gallery items per query by `score` (SPEC.md section 7), streamed: see `bayesvlm_ext.topk`."""
         return topk(queries, gallery, k, score, kappa, logit_scale=self.logit_scale, logit_bias=self.logit_bias,
                     variant=variant)
+
+    def search(
+        self,
+        index,  # a RetrievalIndex (open_index / build_index) of one tower's items, built from these posteriors
+        queries: EmbeddingDistribution,  # N items of the other tower
+        k: int,
+        score: str | Score = "mean",
+        kappa: float = 1.0,
+        **options,  # variant, shards, candidates, nprobe, ef_search: as `bayesvlm_ext.index.search`
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # values, gallery rows (int64), mean, var: [N, k] each
+        """The k best items of an on-disk index per query with this model's logit scale and bias (SPEC.md section
+        7): exact streaming search, or with `candidates=C` on an index built with `ann=`, FAISS candidates scored
+        exactly (`bayesvlm_ext.index.search`)."""
+        from .index import search  # the index package imports the posterior module, not this one
+
+        return search(index, queries, k, score, kappa, logit_scale=self.logit_scale, logit_bias=self.logit_bias,
+                      **options)
 
     def zero_shot(
         self,

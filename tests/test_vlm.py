@@ -13,6 +13,7 @@ from bayesvlm_ext import BayesVLM, KronPosterior, ZeroShotClassifier, cosine_mom
 from bayesvlm_ext.active import label_curvature, update_posterior
 from bayesvlm_ext.capture import capture, find_projection
 from bayesvlm_ext.fit import unnormalised_encoder
+from bayesvlm_ext.index import save_index, search
 
 pytest.importorskip("open_clip")
 
@@ -84,7 +85,7 @@ def test_hugging_face_models_bit_for_bit(family):
     assert mean.shape == var.shape == (4, 4) and bool((var > 0).all())
 
 
-def test_scoring_methods_are_the_package_functions(fitted):
+def test_scoring_methods_are_the_package_functions(fitted, tmp_path):
     _, vlm = fitted
     pixels, tokens = pairs(4, seed=3)[0]
     image, text = vlm.encode_image(pixels), vlm.encode_text(tokens)
@@ -95,6 +96,11 @@ def test_scoring_methods_are_the_package_functions(fitted):
     got = vlm.topk(text, image, 3, score="probit")
     expected = topk(text, image, 3, "probit", logit_scale=vlm.logit_scale, logit_bias=vlm.logit_bias)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    index = save_index(tmp_path / "index", image, shard_rows=3)  # no stored logit scale: the model's is used
+    for options in ({}, {"shards": [1]}):
+        got = vlm.search(index, text, 1, "probit", **options)
+        expected = search(index, text, 1, "probit", logit_scale=vlm.logit_scale, logit_bias=vlm.logit_bias, **options)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
 def test_save_load_round_trip_and_the_published_format(fitted, tmp_path):
