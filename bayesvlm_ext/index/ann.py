@@ -118,12 +118,12 @@ class AnnSpec:
 
 def ann_vectors(items: EmbeddingDistribution) -> np.ndarray:  # [m, D] float32, C-contiguous
     """The vectors a shard's FAISS index holds: mu / sqrt(E||g||^2) (the mean logit's scaling), non-finite rows 0."""
-    mean = items.mean.detach().to("cpu", torch.float64)
-    sq_norm = items.sq_norm if items.sq_norm is not None else (mean * mean).sum(1)
+    mean = items.mean.detach().to("cpu")
+    sq_norm = items.sq_norm if items.sq_norm is not None else (mean.double() ** 2).sum(1)
     expected = sq_norm.detach().to("cpu", torch.float64) + items.trace().detach().to("cpu", torch.float64)
-    vectors = mean * expected.rsqrt()[:, None]
+    vectors = mean.to(torch.float32) * expected.rsqrt().to(torch.float32)[:, None]  # [m, D], no float64 copy
     vectors[~torch.isfinite(vectors).all(dim=1)] = 0.0
-    return np.ascontiguousarray(vectors.to(torch.float32).numpy())
+    return np.ascontiguousarray(vectors.numpy())
 
 
 def query_vectors(queries: EmbeddingDistribution) -> np.ndarray:  # [N, D] float32
