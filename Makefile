@@ -1,4 +1,5 @@
-# make demo | make test | make build | make bench | make sanitize-cpu | make sanitize (GPU) | make clean
+# make demo | make test | make build | make bench | make sanitize-cpu | make sanitize (GPU) | make gpu-check (GPU)
+# | make clean
 # Every target sets up .venv/ on first use (dependencies from constraints.txt, then the
 # extension built with --no-build-isolation) and reuses it afterwards.
 
@@ -11,7 +12,8 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h') setup.py tools/cuda_toolkit.py
 
-.PHONY: all setup build demo test test-python test-cpp test-sanitize-cpu sanitize-cpu bench sanitize clean
+.PHONY: all setup build demo test test-python test-cpp test-sanitize-cpu sanitize-cpu bench sanitize gpu-check \
+	test-gpu-check clean
 all: test
 
 $(VENV)/.deps-installed: constraints.txt pyproject.toml
@@ -42,7 +44,7 @@ test-cpp: setup
 test-python: setup
 	$(PY) -m pytest tests
 
-test: test-cpp test-python test-sanitize-cpu
+test: test-cpp test-python test-sanitize-cpu test-gpu-check
 
 # The CPU kernels under AddressSanitizer + UBSan (setup.py's BAYESVLM_EXT_SANITIZE), built beside the normal
 # extension in build/asan/ and loaded in its place through BAYESVLM_EXT_LIBRARY. Python itself is not
@@ -70,10 +72,25 @@ bench: setup
 	$(PY) -m pytest benchmarks --benchmark-only
 
 # On a GPU machine: every CUDA kernel under compute-sanitizer (memcheck, then racecheck for shared memory).
-SANITIZE_TESTS := $(OP_TESTS) -k cuda -x -q -p no:cacheprovider
+SANITIZE_TESTS := $(OP_TESTS) tests/test_kernel_variants.py -k cuda -x -q -p no:cacheprovider
 sanitize: setup
 	compute-sanitizer --tool memcheck --error-exitcode 1 $(PY) -m pytest $(SANITIZE_TESTS)
 	compute-sanitizer --tool racecheck --error-exitcode 1 $(PY) -m pytest $(SANITIZE_TESTS)
+
+# On a machine with a GPU, one call (under 9 minutes on an H100/H200): the extension built for that GPU, every
+# CUDA test, compute-sanitizer memcheck and racecheck over every CUDA kernel (tests/test_kernel_variants.py)
+# and the GPU benchmark report; logs, JUnit files, the benchmark JSON and summary.json in GPU_CHECK_OUT
+# (tools/gpu_check.sh). It needs no .venv: PYTHON is .venv's interpreter where there is one, else python3
+# (with torch). Without a GPU it runs the CPU-side steps and records the others as "skipped: no GPU".
+GPU_CHECK_OUT ?= build/gpu-check
+PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	PYTHON="$(PYTHON)" bash tools/gpu_check.sh "$(GPU_CHECK_OUT)"
+
+# CI: gpu-check's dry form (nothing built, no GPU needed): each step's command resolves, pytest collects the
+# CUDA cases and the GPU benchmarks (about 30 s).
+test-gpu-check: setup
+	PYTHON="$(PY)" bash tools/gpu_check.sh --dry-run build/gpu-check-dry
 
 clean:
 	rm -rf build $(VENV) *.egg-info bayesvlm_ext/_C*.so

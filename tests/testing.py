@@ -1,11 +1,17 @@
 """Shared test parameters: devices and dtypes, built once (a machine without a GPU runs fewer cases)."""
 
+import os
+
 import pytest
 import torch
 
 import bayesvlm_ext
 
-devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+# BAYESVLM_TEST_DEVICES=cpu,cuda names the devices whatever is visible: for `pytest --collect-only -k cuda` of
+# the CUDA cases on a machine without a GPU (tools/gpu_check.sh --dry-run); running those there fails.
+_named_devices = os.environ.get("BAYESVLM_TEST_DEVICES", "").strip()
+devices = ([torch.device(name) for name in _named_devices.split(",") if name.strip()] if _named_devices else
+           [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else []))
 dtypes = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 # Relative error budget per input dtype for ops that read that dtype and accumulate in float32
