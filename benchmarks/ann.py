@@ -45,13 +45,11 @@ OUT = os.path.join(os.path.dirname(__file__), "results", "ann-cpu.json")
 SCORES = ["mean", "pessimistic", "optimistic", "probit"]
 K = 10
 LOGIT_SCALE = math.log(100.0)
-CONFIGS = {"ivf-flat": [(c, p) for p in (8, 32, 128) for c in (10, 50, 200)],
-           "ivf-pq": [(c, p) for p in (32, 128) for c in (50, 200, 1000)],
-           "hnsw": [(c, None) for c in (10, 50, 200, 1000)]}
-# HNSW with 16 links and breadth 40 while building: AnnSpec's defaults (32, 80) take about 10 minutes for 1M items
-# on 2 cores (45 s per 100k measured), more than this whole benchmark.
-SPECS = {"ivf-flat": AnnSpec("ivf-flat"), "ivf-pq": AnnSpec("ivf-pq"),
-         "hnsw": AnnSpec("hnsw", hnsw_m=16, ef_construction=40)}
+# (candidates C, nprobe) for IVF, (C, ef_search) for HNSW
+CONFIGS = {"ivf-flat": [(c, p) for p in (4, 8, 32) for c in (10, 50, 200)],
+           "ivf-pq": [(c, p) for p in (8, 32) for c in (50, 200, 1000)],
+           "hnsw": [(10, 64), (50, 128), (50, 512), (200, 512), (1000, 1000)]}
+SPECS = {kind: AnnSpec(kind) for kind in CONFIGS}  # the defaults (HNSW's take ~10 minutes to build for 1M items)
 
 
 def spd_unit_trace(d: int, generator: torch.Generator) -> torch.Tensor:
@@ -124,7 +122,7 @@ def tables(report: dict) -> str:
     ms = lambda seconds: f"{1e3 * seconds:.1f} ms"  # noqa: E731
     lines = [f"Exact search of {report['queries']} queries x {report['rows']:,} items (D = {report['dim']}), k = "
              f"{report['k']}: " + ", ".join(f"{score} {ms(v['search_s'])}" for score, v in report["exact"].items()),
-             "", "| structure | C | nprobe / ef | propose | search (probit) | speed-up vs exact | recall@10 mean / pess. / "
+             "", "| structure | C | nprobe / ef | propose | search (probit) | speed-up | recall@10 mean / pess. / "
              "opt. / probit | index (ANN part) | build |",
              "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
     for kind, entry in report["ann"].items():
@@ -182,7 +180,7 @@ def main() -> None:
         start = time.perf_counter()
         plain = save_index(os.path.join(workdir, "exact"), gallery, shard_rows=args.rows, logit_scale=LOGIT_SCALE)
         report["exact_index"] = {"build_s": time.perf_counter() - start,
-                                 "bytes": folder_bytes(os.path.join(workdir, "exact"))}
+                                 "bytes": folder_bytes(os.path.join(workdir, "exact", plain.generation))}
         exact, report["exact"] = {}, {}
         for score in SCORES:
             seconds, result = median_time(lambda: search(plain, queries, K, score), 2)
@@ -205,14 +203,16 @@ def main() -> None:
             index = save_index(folder, gallery, shard_rows=args.rows, ann=SPECS[kind], logit_scale=LOGIT_SCALE)
             entry = {"spec": SPECS[kind].to_dict(), "build_s": time.perf_counter() - start,
                      "ann_bytes": os.path.getsize(os.path.join(folder, index.generation, "ann-00000.faiss")),
-                     "index_bytes": folder_bytes(folder), "runs": []}
+                     "index_bytes": folder_bytes(os.path.join(folder, index.generation)), "runs": []}
             structure = index.ann_index(0)
             vectors = query_vectors(queries)
-            for count, nprobe in configs:
-                options = {"candidates": count} | ({"nprobe": nprobe} if nprobe else {})
-                params = search_params(structure, index.ann, count, nprobe, None)
-                run = {"candidates": count, "nprobe": nprobe,
-                       "ef_search": max(count, index.ann.ef_search) if kind == "hnsw" else None}
+            for count, setting in configs:
+                knob = "ef_search" if kind == "hnsw" else "nprobe"
+                options = {"candidates": count, knob: setting}
+                params = search_params(structure, index.ann, count, *((None, setting) if kind == "hnsw" else
+                                                                        (setting, None)))
+                run = {"candidates": count, "nprobe": None, "ef_search": None}
+                run[knob] = max(count, setting) if kind == "hnsw" else setting
                 run["propose_s"], _ = median_time(lambda: propose(structure, vectors, count, params), 3)
                 run["recall"], run["search_s"] = {}, {}
                 for score in SCORES:
