@@ -59,6 +59,8 @@ def extensions():
         checks = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
         cxx_flags = ["-O2", "-g", "-fno-omit-frame-pointer", "-fopenmp", *checks]
         extra["extra_link_args"] += checks
+    # C++20 (template lambdas) on every torch: torch 2.15 asks for it itself, older ones default to C++17.
+    cxx_flags += ["-std=c++20"]
     if cuda_home is None:
         print("bayesvlm_ext: building CPU kernels only")
         return [CppExtension("bayesvlm_ext._C", sources, extra_compile_args={"cxx": cxx_flags}, **extra)]
@@ -66,7 +68,7 @@ def extensions():
           f"for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
-    nvcc_flags += ["--expt-relaxed-constexpr"]
+    nvcc_flags += ["--expt-relaxed-constexpr", "-std=c++20"]
     return [CUDAExtension("bayesvlm_ext._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
                           **extra)]
 
