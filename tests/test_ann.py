@@ -4,13 +4,12 @@ errors, a missing FAISS, and `index --ann` / `retrieve --candidates` under torch
 
 import math
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import save_file
-from testing import spd
+from testing import TORCHRUN_TWO, run_command, spd
 
 from bayesvlm_ext import EmbeddingDistribution, KronPosterior, cosine_moments, open_index, search, topk
 from bayesvlm_ext.cli import main
@@ -218,37 +217,22 @@ def write_posteriors(folder, generator):
         posterior.save(os.path.join(folder, f"posterior_{name}"))
 
 
-def run(arguments, launcher=None):
-    if launcher is None:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            assert main(arguments) == 0
-        finally:
-            torch.set_num_threads(threads)
-        return
-    result = subprocess.run([sys.executable, *launcher, "-m", "bayesvlm_ext", *arguments],
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
 def test_index_ann_and_retrieve_candidates_one_process_equals_two(tmp_path, capsys):
     generator = torch.Generator().manual_seed(13)
     fit = str(tmp_path / "fit")
     write_posteriors(fit, generator)
     save_file({"features": clustered(generator, 3000, P)}, tmp_path / "gallery.safetensors")
     save_file({"features": clustered(generator, 9, P)}, tmp_path / "queries.safetensors")
-    run(["index", "--posterior", fit, "--tower", "image", "--features", str(tmp_path / "gallery.safetensors"),
-         "--out", str(tmp_path / "index"), "--shard-rows", "1100", "--ann", "ivf-flat", "--ann-nprobe", "4",
-         "--logit-scale", str(LOGIT_SCALE), "--quiet"])
+    run_command(["index", "--posterior", fit, "--tower", "image", "--features", str(tmp_path / "gallery.safetensors"),
+                 "--out", str(tmp_path / "index"), "--shard-rows", "1100", "--ann", "ivf-flat", "--ann-nprobe", "4",
+                 "--logit-scale", str(LOGIT_SCALE), "--quiet"])
     index = open_index(tmp_path / "index")
     assert index.ann.kind == "ivf-flat" and index.ann.nprobe == 4 and len(index.shards) == 3
-    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
     exact = ["retrieve", "--index", str(tmp_path / "index"), "--posterior", fit, "--queries",
              str(tmp_path / "queries.safetensors"), "--k", "8", "--score", "probit", "--batch-size", "4", "--quiet"]
     retrieve = [*exact, "--candidates", "20"]
-    for name, launcher in (("one", None), ("two", torchrun)):
-        run([*retrieve, "--out", str(tmp_path / f"{name}.jsonl")], launcher)
+    for name, launcher in (("one", None), ("two", TORCHRUN_TWO)):
+        run_command([*retrieve, "--out", str(tmp_path / f"{name}.jsonl")], launcher)
     assert (tmp_path / "one.jsonl").read_bytes() == (tmp_path / "two.jsonl").read_bytes()
     # the options are checked before any work
     capsys.readouterr()

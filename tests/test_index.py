@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from testing import command_fails, devices, spd
+from testing import command_fails, devices, run_command, spd
 
 from bayesvlm_ext import EmbeddingDistribution, KronPosterior, build_index, open_index, ops, search, topk
 from bayesvlm_ext.index import save_index
@@ -720,24 +720,6 @@ def test_index_command_from_images_with_an_open_clip_model(generator, tmp_path, 
     assert open_index(tmp_path / "broken").ids_of(torch.arange(4)) == ["0.png", "1.png", "3.png", "4.png"]
     assert main([*command, "--tower", "text", "--images", str(folder), "--out", str(tmp_path / "text")]) == 1
     assert "use it with --tower image" in capsys.readouterr().err
-
-
-def run_command(arguments, launcher=None, capsys=None):
-    """`python -m bayesvlm_ext ...`: under `launcher` (torchrun) in subprocesses with OMP_NUM_THREADS=1, as
-    torchrun sets it; without, in this process on one thread, which is the same: BLAS rounds alike."""
-    if launcher is None:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            assert main(arguments) == 0
-        finally:
-            torch.set_num_threads(threads)
-        return capsys.readouterr().out
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, *launcher, "-m", "bayesvlm_ext", *arguments], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
 
 
 def test_index_and_retrieve_under_torchrun_match_one_process(generator, tmp_path, capsys):

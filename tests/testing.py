@@ -1,6 +1,8 @@
 """Shared test parameters: devices and dtypes, built once (a machine without a GPU runs fewer cases)."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -153,3 +155,27 @@ def truncated_png(path: str, size: int = 24) -> None:
     Image.fromarray(pixels.numpy()).save(buffer, format="PNG")
     with open(path, "wb") as f:
         f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+
+
+TORCHRUN_TWO = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
+
+
+def run_command(arguments, launcher=None, capsys=None):
+    """`python -m bayesvlm_ext ...`, asserted to succeed: under `launcher` (torchrun) in subprocesses with
+    OMP_NUM_THREADS=1, as torchrun sets it; without, in this process on one thread, which is the same: BLAS
+    rounds alike. Returns what it printed (in this process: through `capsys`, None without)."""
+    if launcher is None:
+        from bayesvlm_ext.cli import main
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert main(arguments) == 0
+        finally:
+            torch.set_num_threads(threads)
+        return None if capsys is None else capsys.readouterr().out
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, *launcher, "-m", "bayesvlm_ext", *arguments], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
