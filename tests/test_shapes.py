@@ -97,3 +97,32 @@ def test_default_model_is_cached_and_reloaded(tmp_path, monkeypatch):
         default_model.load_default_model(training=dataclasses.replace(SHORT, seed=1), cache=tmp_path)
     monkeypatch.setenv("BAYESVLM_EXT_CACHE", str(tmp_path / "elsewhere"))
     assert default_model.cache_directory() == str(tmp_path / "elsewhere")
+
+
+def test_the_shipped_default_model_serves_the_default_settings_without_training(tmp_path, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("the shipped model must be loaded, not retrained")
+
+    monkeypatch.setattr(default_model, "train_default_model", no_training)
+    model = default_model.load_default_model(cache=tmp_path, progress=False)
+    assert not list(tmp_path.iterdir())  # served by the package's file: nothing trained, nothing cached
+    metadata = default_model.shipped_metadata()
+    assert metadata["settings"]["training"] == dataclasses.asdict(default_model.TrainingConfig())
+    assert metadata["settings"]["model"] == dataclasses.asdict(default_model.ModelConfig())
+    figures = default_model.model_figures(model)  # the recorded figures are these weights' own
+    assert figures["accuracy"] == pytest.approx(metadata["figures"]["accuracy"], abs=1e-3)
+    assert figures["nlpd"] == pytest.approx(metadata["figures"]["nlpd"], rel=1e-3)
+    with pytest.raises(AssertionError, match="retrained"):  # other settings, or shipped=False, train
+        default_model.load_default_model(cache=tmp_path, shipped=False)
+
+
+def test_retraining_from_the_package_reproduces_the_shipped_figures():
+    # About two minutes on 2 cores. Training is deterministic on one machine (test above), and on the machine
+    # that wrote the file it gives the same weights bit for bit; another BLAS may round differently and 1500
+    # steps amplify that, hence a tolerance on the figures: 0.02 in accuracy, 0.03 nats in NLPD (about 20 %).
+    model, losses = default_model.train_default_model(progress=False)
+    figures = default_model.model_figures(model)
+    shipped = default_model.shipped_metadata()["figures"]
+    assert abs(figures["accuracy"] - shipped["accuracy"]) <= 0.02, (figures, shipped)
+    assert abs(figures["nlpd"] - shipped["nlpd"]) <= 0.03, (figures, shipped)
+    assert figures["accuracy"] > 0.9  # a model that means something: 360 captions, chance 1 / 360

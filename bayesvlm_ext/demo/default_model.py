@@ -3,10 +3,14 @@
 No pretrained weights can be fetched where this package is tested, so the demo needs a model that
 means something without them. `load_default_model()` returns an open_clip `CLIP` (a ViT image tower
 on 32-pixel images, a transformer text tower over the `shapes` vocabulary) trained contrastively on
-`shapes.generate(..., domain="train")` pairs: seeded, a few minutes on 2 CPU cores the first time,
-then loaded from the cache directory (`cache_directory()`), keyed by a hash of the architecture,
-the training settings and the data generator's version. It is an ordinary open_clip model: capture,
-fit_factors and everything else treat it like any other.
+`shapes.generate(..., domain="train")` pairs, seeded. Its trained weights ship with the package
+(`default_clip.safetensors`, 1.1 MB, with the settings they were trained with and their figures), so no
+user waits for training; other settings (or `shipped=False`) train on first use, about 100 s on 2 CPU
+cores, then load from the cache directory (`cache_directory()`), keyed by a hash of the architecture, the
+training settings, the data generator's version and the torch / open_clip versions. Retraining from this
+module reproduces the shipped figures (tests/test_shapes.py; `python -m bayesvlm_ext.demo.default_model`
+rewrites the file). It is an ordinary open_clip model: capture, fit_factors and everything else treat it
+like any other.
 
 Training: AdamW with a linear warm-up and a cosine decay, the symmetric InfoNCE loss of CLIP with a
 learnt logit scale, where pairs with identical captions in a batch count as positives of each other
@@ -30,9 +34,11 @@ from . import shapes
 from .._files import replacing
 
 __all__ = ["ModelConfig", "TrainingConfig", "build_model", "train_default_model", "load_default_model",
-           "cache_directory"]
+           "cache_directory", "model_figures", "SHIPPED"]
 
 DATA_VERSION = 1  # bump when shapes.generate draws different images for the same seed
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_clip.safetensors")
+FIGURE_PAIRS, FIGURE_SEED = 2048, 7  # the held-out "test" pairs the shipped figures are measured on
 
 
 @dataclass(frozen=True)
@@ -135,13 +141,58 @@ def cache_directory() -> str:
     return os.path.join(base, "bayesvlm_ext")
 
 
+def _settings(model_config: ModelConfig, training: TrainingConfig) -> dict:
+    """What the trained weights depend on, the machine and library versions aside."""
+    return {"model": asdict(model_config), "training": asdict(training), "data": DATA_VERSION,
+            "vocabulary": list(shapes.VOCABULARY)}
+
+
 def _cache_key(model_config: ModelConfig, training: TrainingConfig) -> str:
     import open_clip
 
-    settings = {"model": asdict(model_config), "training": asdict(training), "data": DATA_VERSION,
-                "vocabulary": shapes.VOCABULARY, "torch": torch.__version__.split("+")[0],
-                "open_clip": open_clip.__version__}
+    settings = _settings(model_config, training) | {"torch": torch.__version__.split("+")[0],
+                                                     "open_clip": open_clip.__version__}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_figures(model: nn.Module, image_size: int = 32) -> dict[str, float]:
+    """Zero-shot caption matching on held-out "test" pairs: each image against every distinct caption of
+    the set, softmax of the model's logits. {"accuracy": top-1 accuracy, "nlpd": mean -log p(own caption)}."""
+    data = shapes.generate(FIGURE_PAIRS, "test", seed=FIGURE_SEED, image_size=image_size)
+    ids, first = torch.unique(data.caption_ids, return_inverse=True)
+    captions = [None] * len(ids)
+    for row, column in enumerate(first.tolist()):
+        captions[column] = captions[column] or data.captions[row]
+    with torch.no_grad():
+        image = nn.functional.normalize(model.encode_image(shapes.normalise_images(data.images)), dim=1)
+        text = nn.functional.normalize(model.encode_text(shapes.tokenize(captions)), dim=1)
+        log_p = torch.log_softmax(model.logit_scale.exp() * image @ text.T, dim=1)
+    return {"accuracy": float((log_p.argmax(1) == first).double().mean()),
+            "nlpd": float(-log_p.gather(1, first[:, None]).double().mean())}
+
+
+def _shipped(model_config: ModelConfig, training: TrainingConfig) -> nn.Module | None:
+    """The shipped weights, when they were trained with exactly these settings (else None)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(SHIPPED):
+        return None
+    with safe_open(SHIPPED, framework="pt") as f:
+        metadata = f.metadata() or {}
+    if json.loads(metadata.get("settings", "null")) != json.loads(json.dumps(_settings(model_config, training))):
+        return None
+    model = build_model(model_config)
+    model.load_state_dict(load_file(SHIPPED))
+    return model.eval()
+
+
+def shipped_metadata() -> dict:
+    """The shipped file's record: settings, figures, the versions and seconds it was trained with."""
+    from safetensors import safe_open
+
+    with safe_open(SHIPPED, framework="pt") as f:
+        return {key: json.loads(value) for key, value in (f.metadata() or {}).items()}
 
 
 def load_default_model(
@@ -149,10 +200,16 @@ def load_default_model(
     training: TrainingConfig = TrainingConfig(),
     cache: str | os.PathLike | None = None,  # directory; default cache_directory()
     progress: bool = True,
+    shipped: bool = True,  # use the weights shipped with the package when their settings are these
 ) -> nn.Module:  # open_clip CLIP, float32, eval mode, on the CPU
-    """The default model: from the cache when it is there, else trained now (and cached)."""
+    """The default model: the shipped weights for the default settings, else from the cache when it is there,
+    else trained now (and cached)."""
     from safetensors.torch import load_file, save_file
 
+    if shipped:
+        model = _shipped(model_config, training)
+        if model is not None:
+            return model
     folder = os.fspath(cache) if cache is not None else cache_directory()
     path = os.path.join(folder, f"default_clip-{_cache_key(model_config, training)}.safetensors")
     if os.path.exists(path):
@@ -168,3 +225,25 @@ def load_default_model(
     with replacing(path, "default model cache") as temporary:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, temporary, metadata=metadata)
     return model
+
+
+def _ship() -> None:
+    """`python -m bayesvlm_ext.demo.default_model`: trains the default model and rewrites the shipped file."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    start = time.perf_counter()
+    model, losses = train_default_model()
+    seconds = time.perf_counter() - start
+    figures = model_figures(model)
+    metadata = {"settings": _settings(ModelConfig(), TrainingConfig()), "figures": figures,
+                "torch": torch.__version__, "open_clip": open_clip.__version__, "seconds": round(seconds, 1),
+                "final_loss": round(losses[-1], 4)}
+    with replacing(SHIPPED, "shipped default model") as temporary:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, temporary,
+                  metadata={key: json.dumps(value) for key, value in metadata.items()})
+    print(f"wrote {SHIPPED}: {json.dumps(metadata)}")
+
+
+if __name__ == "__main__":
+    _ship()
