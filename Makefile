@@ -32,7 +32,24 @@ $(VENV)/.ext-built: $(VENV)/.deps-installed $(CSRC)
 setup: $(VENV)/.ext-built
 build: setup
 
-demo: setup
+# `make demo` builds what the demo needs: the CPU kernels, and the CUDA ones only where a GPU is visible
+# (nvidia-smi -L) or BAYESVLM_EXT_FORCE_CUDA=1. A full build (make build / test, which CI runs, so a CUDA
+# compile error still fails it) is reused when it is current; a CPU-only build removes the full build's stamp,
+# so that `make test` compiles the CUDA kernels again.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+DEMO_FORCE_CPU := $(if $(HAS_GPU)$(filter 1 true yes on,$(BAYESVLM_EXT_FORCE_CUDA)),0,1)
+$(VENV)/.ext-built-demo: $(VENV)/.deps-installed $(CSRC)
+	@if [ -f $(VENV)/.ext-built ] && [ -z "$$(find $(CSRC) -newer $(VENV)/.ext-built)" ]; then \
+		echo "demo: reusing the full build"; \
+	else \
+		rm -f $(VENV)/.ext-built; \
+		echo "demo: building the extension (BAYESVLM_EXT_FORCE_CPU=$(DEMO_FORCE_CPU))"; \
+		BAYESVLM_EXT_FORCE_CPU=$(DEMO_FORCE_CPU) $(PIP) install -q --no-build-isolation --no-deps -e . && \
+		$(PY) -c "import bayesvlm_ext as b; print('bayesvlm_ext', b.__version__, 'compiled:', b.build_info())"; \
+	fi
+	touch $@
+
+demo: $(VENV)/.ext-built-demo
 	$(PY) -m bayesvlm_ext.demo
 
 test-cpp: setup
