@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from bayesvlm_ext import kfac_factors, reference
+from bayesvlm_ext import curvature, kfac_factors, reference
 from bayesvlm_ext.curvature import FactorAccumulator
 
 LOGIT_SCALE, LOGIT_BIAS = math.log(20.0), -3.0
@@ -36,6 +36,20 @@ def test_fast_factors_equal_the_per_sample_formulation(likelihood, bias, n, clas
     assert rel_error(B, B_ref) <= 1e-10
     assert torch.equal(B, B.T)
     assert torch.linalg.eigvalsh(B).min() >= -1e-10 * B.abs().max()  # a sum of GGNs is PSD
+
+
+@pytest.mark.parametrize("likelihood", ["infonce", "siglip"])
+@pytest.mark.parametrize("block_elements", [37, 100, 1 << 22])  # 1, 2 and all 37 source rows per block
+def test_source_blocks_give_the_per_sample_factors(likelihood, block_elements, generator, monkeypatch):
+    # The expansion is summed over blocks of source rows (a [rows, C] slice of the cosines at a time); any
+    # blocking, a last block shorter than the others included, gives the per-sample result.
+    monkeypatch.setattr(curvature, "CURVATURE_BLOCK_ELEMENTS", block_elements)
+    features, embeddings, targets = data(37, 6, 5, generator)
+    _, B = kfac_factors(features, embeddings, targets, likelihood, LOGIT_SCALE, LOGIT_BIAS, 37)
+    _, B_ref = reference.kfac_factors_per_sample(features, embeddings, targets, likelihood, LOGIT_SCALE, LOGIT_BIAS,
+                                                 37)
+    assert rel_error(B, B_ref) <= 1e-10
+    assert torch.equal(B, B.T)
 
 
 @pytest.mark.parametrize("likelihood", ["infonce", "siglip"])
