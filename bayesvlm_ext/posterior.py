@@ -299,6 +299,28 @@ class KronPosterior:
         return self.decomposed.quadratic(delta.to(accumulation_dtype(delta.dtype)), *self._hyper())
 
     # ---- sampling (SPEC.md section 2) --------------------------------------------------------------
+    def displacement(
+        self,
+        z: Tensor,  # [..., D, p]: p = P, or P + 1 with the bias column last
+    ) -> Tensor:  # [..., D, p] float64, differentiable
+        """precision^-1/2 z (SPEC.md section 2): the displacement W - W* of the weight (and bias column) whose
+        precision quadratic form is ||z||^2.
+
+        A standard normal z gives a posterior sample (what `sample_weights` draws). Optimising over z instead
+        of W whitens the posterior: the MAP of new data under this posterior as a prior (fine-tuning with
+        `precision_quadratic` as the penalty) becomes a problem whose prior term is ||z||^2, well conditioned
+        however far apart the precision's eigenvalues are.
+        """
+        check_tensor("z", z, dim=None)
+        shape = (self.out_features, self.A.shape[0])
+        if z.dim() < 2 or tuple(z.shape[-2:]) != shape:
+            raise ValueError(f"argument 'z' must be [..., D, p] = [..., {shape[0]}, {shape[1]}] (p = P"
+                             + (" + 1, the bias column last" if self.bias is not None else "")
+                             + f"), got {tuple(z.shape)}")
+        if z.device != self.device:
+            raise ValueError(f"argument 'z' must be on the posterior's device {self.device}, got {z.device}")
+        return self.decomposed.sample(z.to(torch.float64), *self._hyper())
+
     def sample_weights(
         self,
         k: int,
@@ -310,7 +332,7 @@ class KronPosterior:
             raise ValueError(f"argument 'k' must be a non-negative int, got {k!r}")
         z = torch.randn((k, self.out_features, self.A.shape[0]), dtype=torch.float64, device=self.device,
                         generator=generator)
-        delta = self.decomposed.sample(z, *self._hyper())
+        delta = self.displacement(z)
         P = self.in_features
         weights = (self.weight + delta[..., :P]).to(dtype)
         biases = None if self.bias is None else (self.bias + delta[..., P]).to(dtype)

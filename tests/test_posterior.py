@@ -84,6 +84,33 @@ def test_precision_quadratic_matches_dense_kronecker(damping, bias, generator):
 
 @pytest.mark.parametrize("damping", ["kron", "exact"])
 @pytest.mark.parametrize("bias", [False, True])
+def test_displacement_is_a_square_root_of_the_dense_covariance(damping, bias, generator):
+    post, (A, B, _, _) = make_posterior(generator, bias=bias, damping=damping)
+    p = P + bias
+    precision = dense_precision(A, B, 0.7, 2.5, damping)
+    # The map z -> displacement(z) written out column by column on the unit vectors: M with M M^T = precision^-1.
+    units = torch.eye(D * p, dtype=torch.float64).reshape(D * p, p, D).transpose(1, 2)  # unit vec(z), column-stacked
+    M = post.displacement(units).transpose(1, 2).reshape(D * p, D * p).T
+    torch.testing.assert_close(M @ M.T, torch.linalg.inv(precision), rtol=1e-10, atol=1e-12)
+    # So the precision quadratic of a displacement is ||z||^2, batched or not, and the map is differentiable.
+    z = torch.randn(4, D, p, generator=generator, dtype=torch.float64, requires_grad=True)
+    delta = post.displacement(z)
+    for i in range(4):
+        assert post.precision_quadratic(delta[i]).item() == pytest.approx((z[i] ** 2).sum().item(), rel=1e-10)
+    torch.testing.assert_close(post.displacement(z[0]), delta[0], rtol=1e-13, atol=1e-15)  # batched or not
+    delta.sum().backward()
+    torch.testing.assert_close(z.grad, M.T.sum(1).reshape(p, D).T.expand(4, D, p), rtol=1e-10, atol=1e-12)
+    assert post.displacement(z.detach().float()).dtype == torch.float64
+    with pytest.raises(ValueError, match="'z' must be \\[..., D, p\\]"):
+        post.displacement(torch.zeros(D, p + 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="'z' must be \\[..., D, p\\]"):
+        post.displacement(torch.zeros(p, dtype=torch.float64))
+    with pytest.raises(ValueError, match="'z' must be float16"):
+        post.displacement(torch.zeros(D, p, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("damping", ["kron", "exact"])
+@pytest.mark.parametrize("bias", [False, True])
 def test_logdet_and_evidence_match_dense(damping, bias, generator):
     post, (A, B, weight, b) = make_posterior(generator, bias=bias, damping=damping)
     p, q = A.shape[0], B.shape[0]
