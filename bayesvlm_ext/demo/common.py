@@ -1,10 +1,15 @@
 """What the demo's steps share (`run` and the protocol modules): the features entering a tower's projection,
-the model's normalised embeddings, the zero-shot metrics, and the mean and spread of per-seed results.
+the model's normalised embeddings, the zero-shot metrics, the mean and spread of per-seed results, and the
+worker processes that run its independent trainings side by side.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 from torch import Tensor, nn
@@ -70,3 +75,56 @@ def mean_and_std(runs: list):
     mean = sum(values) / len(values)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
     return mean, std
+
+
+@contextlib.contextmanager
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class Workers:
+    """Processes for the demo's independent, seeded tasks (ProbVLM trainings, active-learning runs), one per core,
+    each task on one thread: `map(fn, calls)` returns [fn(*args) for args in calls] in order.
+
+    Their tensors are too small for several threads to help (a ProbVLM training step takes 12 ms on 2 threads
+    and 10 ms on 1 here), so one single-threaded process per core is what uses the cores. A task's result does
+    not depend on how many processes there are: with one (`Workers(1)`, or a single core) the tasks run here,
+    in order, on one thread too. The processes are spawned (a forked copy of a process whose OpenMP threads
+    have run can hang) on the first `map` and reused until `close`.
+    """
+
+    def __init__(self, processes: int | None = None):
+        self.processes = usable_cores() if processes is None else processes
+        if isinstance(self.processes, bool) or not isinstance(self.processes, int) or self.processes < 1:
+            raise ValueError(f"argument 'processes' must be a positive int, got {processes!r}")
+        self._pool: ProcessPoolExecutor | None = None
+
+    def map(self, fn, calls: list[tuple]) -> list:
+        if self.processes == 1 or len(calls) <= 1:
+            with single_thread():
+                return [fn(*args) for args in calls]
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=torch.set_num_threads, initargs=(1,))
+        futures = [self._pool.submit(fn, *args) for args in calls]
+        return [future.result() for future in futures]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> "Workers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

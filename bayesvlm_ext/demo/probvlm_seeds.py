@@ -25,12 +25,12 @@ from torch import Tensor
 
 import bayesvlm_ext
 from bayesvlm_ext import EmbeddingDistribution, evaluation
-from bayesvlm_ext.demo.common import mean_and_std
+from bayesvlm_ext.demo.common import Workers, mean_and_std
 from bayesvlm_ext.demo.selective import image_to_text_top1
 from bayesvlm_ext.probvlm import ggd_nll
 
 SEEDS = (0, 1, 2)
-TRAIN_PAIRS = 4096  # of the fit pairs: ProbVLM's training time grows with them, 32-dimensional embeddings need few
+TRAIN_PAIRS = 2048  # of the fit pairs: ProbVLM's training time grows with them, 32-dimensional embeddings need few
 BATCH = 256
 # The candidates: today's settings (the published architecture and loss, lr 1e-3, early stopping) and the slower
 # rate without early stopping that lets the alpha head learn (`patience` = epochs: the run never stops early; the
@@ -68,27 +68,39 @@ def validation_scores(
             "val_spearman_text_to_image": report["probvlm"]["text_to_image"]["spearman"]}
 
 
+def train_one(
+    images: Tensor,  # [N, D] normalised training embeddings
+    texts: Tensor,  # [N, D]
+    validation: tuple[Tensor, Tensor, Tensor, Tensor],  # validation_scores' images, texts, image_captions, pair_texts
+    logit_scale: float,
+    config: dict,  # one of CANDIDATES
+    seed: int,
+) -> tuple[bayesvlm_ext.ProbVLM, dict]:
+    """One candidate and seed: the trained adapters and their record (validation scores, epochs, seconds)."""
+    start = time.perf_counter()
+    probvlm, history = bayesvlm_ext.train_probvlm(images, texts, batch_size=BATCH, seed=seed, progress=False, **config)
+    return probvlm, {**validation_scores(probvlm, *validation, logit_scale), "epochs": len(history.val_loss),
+                     "best_epoch": history.best_epoch, "stopped_early": history.stopped_early,
+                     "first_val_loss": history.val_loss[0], "best_val_loss": history.val_loss[history.best_epoch],
+                     "seconds": time.perf_counter() - start}
+
+
 def train_and_select(
     fit_images: Tensor,  # [N, D] normalised embeddings of the fit pairs
     fit_texts: Tensor,  # [N, D]
     validation: tuple[Tensor, Tensor, Tensor, Tensor],  # validation_scores' images, texts, image_captions, pair_texts
     logit_scale: float,
+    workers: Workers | None = None,  # runs the candidates x seeds trainings side by side (inline without)
 ) -> tuple[list[bayesvlm_ext.ProbVLM], dict]:
     """(the chosen candidate's adapters, one per seed; the selection record for results.json)."""
     record: dict = {"criterion": CRITERION, "seeds": list(SEEDS), "train_pairs": TRAIN_PAIRS, "batch_size": BATCH,
                     "candidates": {}}
+    calls = [(fit_images[:TRAIN_PAIRS], fit_texts[:TRAIN_PAIRS], validation, logit_scale, config, seed)
+             for config in CANDIDATES.values() for seed in SEEDS]
+    outcomes = iter((workers or Workers(1)).map(train_one, calls))
     models = {}
     for name, config in CANDIDATES.items():
-        runs, models[name] = [], []
-        for seed in SEEDS:
-            start = time.perf_counter()
-            probvlm, history = bayesvlm_ext.train_probvlm(fit_images[:TRAIN_PAIRS], fit_texts[:TRAIN_PAIRS],
-                                                          batch_size=BATCH, seed=seed, progress=False, **config)
-            models[name].append(probvlm)
-            runs.append({**validation_scores(probvlm, *validation, logit_scale), "epochs": len(history.val_loss),
-                         "best_epoch": history.best_epoch, "stopped_early": history.stopped_early,
-                         "first_val_loss": history.val_loss[0], "best_val_loss": history.val_loss[history.best_epoch],
-                         "seconds": time.perf_counter() - start})
+        models[name], runs = map(list, zip(*[next(outcomes) for _ in SEEDS]))
         mean, std = mean_and_std(runs)
         record["candidates"][name] = {"settings": config, "per_seed": runs, "mean": mean, "std": std}
     scored = {name: c["mean"][CRITERION] for name, c in record["candidates"].items()}

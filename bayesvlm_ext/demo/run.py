@@ -50,7 +50,8 @@ from torch import nn
 import bayesvlm_ext
 from bayesvlm_ext import KronPosterior, ZeroShotClassifier, cosine_moments, evaluation, predictive, reference
 from bayesvlm_ext.demo import active_protocol, default_model, probvlm_seeds, selective, shapes
-from bayesvlm_ext.demo.common import PairsDataset, features, image_features, mean_and_std, metrics, unit_embeddings
+from bayesvlm_ext.demo.common import (PairsDataset, Workers, features, image_features, mean_and_std, metrics,
+                                     unit_embeddings)
 from bayesvlm_ext.demo.plots import save_plots
 from bayesvlm_ext.tuning import tune_pseudo_count
 
@@ -102,11 +103,19 @@ def caption_rows(captions: list[str]) -> tuple[list[str], torch.Tensor]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join("outputs", "demo"), help="output directory")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="worker processes for the ProbVLM trainings and the active-learning runs (default: one "
+                             "per core; the results do not depend on it)")
     args = parser.parse_args(argv)
+    with Workers(args.processes) as workers:
+        return _run(args, workers)
+
+
+def _run(args: argparse.Namespace, workers: Workers) -> dict:
     timings: dict[str, float] = {}
     start_all = time.perf_counter()
     print(f"bayesvlm_ext {bayesvlm_ext.__version__}, torch {torch.__version__}, backend('cpu') = "
-          f"{bayesvlm_ext.backend('cpu')!r}, {torch.get_num_threads()} threads")
+          f"{bayesvlm_ext.backend('cpu')!r}, {torch.get_num_threads()} threads, {workers.processes} worker processes")
 
     # 1. the default model (the weights shipped with the package)
     start = time.perf_counter()
@@ -158,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     val_captions, val_rows = caption_rows(val.captions)
     val_texts = unit_embeddings(posteriors["text"], features(model, "text", shapes.tokenize(val_captions)))
     validation = (unit_embeddings(posteriors["image"], phi_val), val_texts, val_rows, val_texts[val_rows])
-    probvlms, selection = probvlm_seeds.train_and_select(fit_images, fit_texts, validation, logit_scale)
+    probvlms, selection = probvlm_seeds.train_and_select(fit_images, fit_texts, validation, logit_scale, workers)
     timings["probvlm_fit"] = time.perf_counter() - start
     probvlm_seeds.print_selection(selection)
     print(f"(all candidates and seeds trained in {timings['probvlm_fit']:.1f} s)")
@@ -279,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 6. active learning on a mixed-domain pool, targeting the shifted domain
     start = time.perf_counter()
-    active = active_protocol.active_learning(posteriors, classifier, model, logit_scale, SEED, FIT_PAIRS)
+    active = active_protocol.active_learning(posteriors, classifier, model, logit_scale, SEED, FIT_PAIRS, workers)
     timings["active_learning"] = time.perf_counter() - start
     active_protocol.print_tables(active, timings["active_learning"])
 
