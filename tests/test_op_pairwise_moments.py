@@ -112,13 +112,20 @@ def test_pairwise_moments_errors_name_the_argument(generator):
 def test_pairwise_moments_tf32_within_tf32_budget(with_var, generator):
     # With TF32 allowed, float32 inputs are rounded to 10-bit mantissas (2^-11 ~ 4.9e-4) before the
     # tensor-core GEMM: the error budget is that rounding, accumulated in float32.
+    # The result must also differ from full fp32 by more than fp32's own rounding (~1e-7): else the plain fp32
+    # GEMM ran and this test would pass without testing TF32.
     data = pair_data(300, 700, 512, torch.float32, "cuda", generator, with_var)
     previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
     try:
+        torch.backends.cuda.matmul.allow_tf32 = True
         mean, var = ops.pairwise_moments(*data, SCALE, BIAS, TRACE_CROSS, 0)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        full_mean, full_var = ops.pairwise_moments(*data, SCALE, BIAS, TRACE_CROSS, 0)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
     exp_mean, exp_var, magnitude = oracle_moments(*data)
     assert ((mean.double().cpu() - exp_mean).abs() / magnitude).max() <= 2e-3
     assert ((var.double().cpu() - exp_var).abs() / exp_var).max() <= 2e-3
+    assert ((mean - full_mean).double().cpu().abs() / magnitude).max() > 1e-6, "TF32 allowed, yet full fp32 ran"
+    if with_var:  # the var-feature GEMM follows the same setting
+        assert ((var - full_var).double().cpu().abs() / exp_var).max() > 1e-6, "TF32 allowed, yet full fp32 ran"

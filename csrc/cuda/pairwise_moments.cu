@@ -22,7 +22,8 @@
 // The fused path takes k <= kMaxFusedK = 128 when the lists, 64 k (3 sizeof(acc) + 4) bytes, fit
 // the device's shared memory (fp32: always on sm_80/sm_90; fp64: k <= 90 on H100, 54 on A100).
 // Larger k streams through pairwise chunks of the gallery and a stable ATen sort instead
-// (topk_streaming_fallback).
+// (topk_streaming_fallback), in blocks of queries so that its scratch is bounded whatever N; its keys and
+// probit values come from the fused kernel's own device functions, so both paths rank alike.
 //
 // The "projected" variance (projection features, moments.h) runs in the same kernels: two more GEMM tiles,
 // sx = x_proj . y and sy = x . y_proj, both with accumulation-dtype operands (the means converted once for
@@ -36,6 +37,7 @@
 #include <ATen/ops/arange.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/sort.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -104,13 +106,20 @@ __device__ inline acc_t dev_sqrt(acc_t v) {
 }
 
 template <typename acc_t>
+__device__ inline acc_t dev_fma(acc_t a, acc_t b, acc_t c) {  // a b + c, rounded once
+  if constexpr (std::is_same_v<acc_t, float>) return fmaf(a, b, c); else return fma(a, b, c);
+}
+
+template <typename acc_t>
 __device__ inline acc_t sigmoid(acc_t t) {
   if constexpr (std::is_same_v<acc_t, float>) return 1.0f / (1.0f + expf(-t)); else return 1.0 / (1.0 + exp(-t));
 }
 
+// Explicit fused multiply-adds here and in topk_key: every kernel that computes a score (the fused top-k, the
+// pairwise kernel, the fallback's key kernel) then rounds it the same way, whatever the compiler would contract.
 template <typename acc_t>
 __device__ inline acc_t probit_logit(acc_t mean, acc_t var) {
-  return mean / dev_sqrt(acc_t(1) + static_cast<acc_t>(kPiOver8) * var);
+  return mean / dev_sqrt(dev_fma(static_cast<acc_t>(kPiOver8), var, acc_t(1)));
 }
 
 template <typename acc_t>
@@ -177,8 +186,8 @@ template <typename acc_t>
 __device__ inline acc_t topk_key(int64_t score, acc_t kappa, acc_t mean, acc_t var) {
   switch (static_cast<TopkScore>(score)) {
     case TopkScore::kMean: return mean;
-    case TopkScore::kPessimistic: return mean - kappa * dev_sqrt(var);
-    case TopkScore::kOptimistic: return mean + kappa * dev_sqrt(var);
+    case TopkScore::kPessimistic: return dev_fma(-kappa, dev_sqrt(var), mean);
+    case TopkScore::kOptimistic: return dev_fma(kappa, dev_sqrt(var), mean);
     default: return probit_logit(mean, var);
   }
 }
@@ -750,14 +759,52 @@ bool launch_topk_fused(const TopkParams& params, const at::TensorOptions& acc_op
   return true;  // the scratch tensors go back to the caching allocator in stream order
 }
 
-// The ranking key of topk_moments from mean and var, with ATen ops (fallback path).
-at::Tensor topk_key_aten(const at::Tensor& mean, const at::Tensor& var, int64_t score, double kappa) {
-  switch (static_cast<TopkScore>(score)) {
-    case TopkScore::kMean: return mean;
-    case TopkScore::kPessimistic: return mean.sub(var.sqrt(), kappa);
-    case TopkScore::kOptimistic: return mean.add(var.sqrt(), kappa);
-    default: return mean.div(var.mul(kPiOver8).add(1).sqrt());
+// The fallback's element-wise steps with the fused kernel's own device functions: key[i] = topk_key(mean[i],
+// var[i]), and the probit's reported value sigmoid(key). Both paths then give the same keys bit for bit, near-ties
+// included, and so the same rows in the same order (ATen's mul/add/sqrt rounded differently from one FMA).
+template <typename acc_t>
+__global__ void topk_key_kernel(const acc_t* __restrict__ mean, const acc_t* __restrict__ var, int64_t count,
+                                int64_t score, acc_t kappa, acc_t* __restrict__ key) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count; i += int64_t{gridDim.x} * blockDim.x) {
+    key[i] = topk_key(score, kappa, mean[i], var[i]);
   }
+}
+
+template <typename acc_t>
+__global__ void sigmoid_kernel(const acc_t* __restrict__ key, int64_t count, acc_t* __restrict__ value) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count; i += int64_t{gridDim.x} * blockDim.x) {
+    value[i] = sigmoid(key[i]);
+  }
+}
+
+unsigned elementwise_blocks(int64_t count) {
+  return static_cast<unsigned>(std::clamp<int64_t>(ceil_div(count, kThreads), 1, 65535));
+}
+
+// key [rows, C] of contiguous mean and var [rows, C] in the accumulation dtype.
+at::Tensor topk_key_cuda(const at::Tensor& mean, const at::Tensor& var, int64_t score, double kappa,
+                         cudaStream_t stream) {
+  at::Tensor key = at::empty_like(mean);
+  if (mean.numel() == 0) return key;
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "topk_key_cuda", [&] {
+    topk_key_kernel<scalar_t><<<elementwise_blocks(mean.numel()), kThreads, 0, stream>>>(
+        mean.const_data_ptr<scalar_t>(), var.const_data_ptr<scalar_t>(), mean.numel(), score,
+        static_cast<scalar_t>(kappa), key.mutable_data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return key;
+}
+
+// sigmoid of a contiguous key tensor, as the fused kernel reports probit values.
+at::Tensor sigmoid_cuda(const at::Tensor& key, cudaStream_t stream) {
+  at::Tensor value = at::empty_like(key);
+  if (key.numel() == 0) return value;
+  AT_DISPATCH_FLOATING_TYPES(key.scalar_type(), "sigmoid_cuda", [&] {
+    sigmoid_kernel<scalar_t><<<elementwise_blocks(key.numel()), kThreads, 0, stream>>>(
+        key.const_data_ptr<scalar_t>(), key.numel(), value.mutable_data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return value;
 }
 
 // The stable top-k order of each row of key [N, C] (SPEC.md section 12), as the fused kernel ranks:
@@ -772,20 +819,20 @@ at::Tensor nan_last_order(const at::Tensor& key) {
   return by_key.gather(1, nan_back);
 }
 
-// Top-k for k beyond the shared-memory lists, still streaming: the pairwise kernel fills an [N, chunk]
-// block of the gallery at a time, and a stable descending sort of [running top-k | chunk] keeps the
-// best k. Running candidates always have the lower indices, so the stable sort keeps ties by index.
-void topk_streaming_fallback(const at::Tensor& x, const at::Tensor& y, const at::Tensor& xs, const at::Tensor& ys,
-                             const at::Tensor& xv, const at::Tensor& yv, const at::Tensor& xa, const at::Tensor& ya,
-                             const at::Tensor& xp, const at::Tensor& yp, double scale, double bias, double trace_cross, int64_t k, int64_t score, double kappa,
-                             at::Tensor& values, at::Tensor& indices, at::Tensor& mean_out, at::Tensor& var_out,
-                             cudaStream_t stream) {
+// Top-k for k beyond the shared-memory lists, still streaming, for one block of queries: the pairwise kernel
+// fills an [rows, chunk] block of the gallery at a time, and a stable descending sort of [running top-k | chunk]
+// keeps the best k. Running candidates always have the lower indices, so the stable sort keeps ties by index.
+// Writes rows [0, x.size(0)) of values, indices, mean_out and var_out (views of the outputs' rows).
+void topk_fallback_block(const at::Tensor& x, const at::Tensor& y, const at::Tensor& xs, const at::Tensor& ys,
+                         const at::Tensor& xv, const at::Tensor& yv, const at::Tensor& xa, const at::Tensor& ya,
+                         const at::Tensor& xp, const at::Tensor& yp, double scale, double bias, double trace_cross,
+                         int64_t k, int64_t score, double kappa, int64_t chunk, at::Tensor values, at::Tensor indices,
+                         at::Tensor mean_out, at::Tensor var_out, cudaStream_t stream) {
   const int64_t n = x.size(0), m = y.size(0);
-  const int64_t chunk = std::clamp<int64_t>((int64_t{1} << 26) / n / kTile * kTile, 1024, 8192);
-  at::Tensor run_key, run_index, run_mean, run_var;  // [N, <= k], sorted
+  at::Tensor run_key, run_index, run_mean, run_var;  // [n, <= k], sorted
   for (int64_t c0 = 0; c0 < m; c0 += chunk) {
     const int64_t len = std::min(chunk, m - c0);
-    at::Tensor mean = at::empty({n, len}, values.options());  // [N, len]
+    at::Tensor mean = at::empty({n, len}, values.options());  // [n, len]
     at::Tensor var = at::empty({n, len}, values.options());
     const at::Tensor y_chunk = y.narrow(0, c0, len), ys_chunk = ys.narrow(0, c0, len);
     const at::Tensor yv_chunk = yv.defined() ? yv.narrow(0, c0, len) : at::Tensor();
@@ -796,7 +843,7 @@ void topk_streaming_fallback(const at::Tensor& x, const at::Tensor& y, const at:
                              trace_cross),
         static_cast<int64_t>(MomentsOutput::kMean), mean.mutable_data_ptr(), var.mutable_data_ptr()};
     launch_pairwise_moments(params, x.scalar_type(), xv.defined(), xp.defined(), stream);
-    at::Tensor key = topk_key_aten(mean, var, score, kappa);
+    at::Tensor key = topk_key_cuda(mean, var, score, kappa, stream);
     at::Tensor index = at::arange(c0, c0 + len, indices.options()).expand({n, len});
     if (run_key.defined()) {
       key = at::cat({run_key, key}, 1);
@@ -811,10 +858,36 @@ void topk_streaming_fallback(const at::Tensor& x, const at::Tensor& y, const at:
     run_mean = mean.gather(1, order);
     run_var = var.gather(1, order);
   }
-  values.copy_(score == static_cast<int64_t>(TopkScore::kProbit) ? run_key.sigmoid() : run_key);
+  values.copy_(score == static_cast<int64_t>(TopkScore::kProbit) ? sigmoid_cuda(run_key, stream) : run_key);
   indices.copy_(run_index);
   mean_out.copy_(run_mean);
   var_out.copy_(run_var);
+}
+
+// Elements of one [rows, k + chunk] tensor of the fallback's scratch. The scratch holds about a dozen such
+// tensors (the chunk's moments and keys, the concatenated lists, the sort's keys and orders), so queries go
+// through in blocks of kFallbackElements / (k + chunk) rows: the scratch stays under about 12 * 2^24 elements
+// (1.6 GB in float64) whatever N, and the memory is O(N k), the outputs (SPEC.md section 7).
+constexpr int64_t kFallbackElements = int64_t{1} << 24;
+
+void topk_streaming_fallback(const at::Tensor& x, const at::Tensor& y, const at::Tensor& xs, const at::Tensor& ys,
+                             const at::Tensor& xv, const at::Tensor& yv, const at::Tensor& xa, const at::Tensor& ya,
+                             const at::Tensor& xp, const at::Tensor& yp, double scale, double bias, double trace_cross,
+                             int64_t k, int64_t score, double kappa, at::Tensor& values, at::Tensor& indices,
+                             at::Tensor& mean_out, at::Tensor& var_out, cudaStream_t stream) {
+  const int64_t n = x.size(0);
+  const int64_t chunk = std::clamp<int64_t>((int64_t{1} << 26) / n / kTile * kTile, 1024, 8192);
+  const int64_t rows = std::max<int64_t>(1, kFallbackElements / (k + chunk));
+  const auto block = [](const at::Tensor& t, int64_t q0, int64_t len) {
+    return t.defined() ? t.narrow(0, q0, len) : at::Tensor();
+  };
+  for (int64_t q0 = 0; q0 < n; q0 += rows) {
+    const int64_t len = std::min(rows, n - q0);
+    topk_fallback_block(x.narrow(0, q0, len), y, xs.narrow(0, q0, len), ys, block(xv, q0, len), yv,
+                        block(xa, q0, len), ya, block(xp, q0, len), yp, scale, bias, trace_cross, k, score, kappa,
+                        chunk, values.narrow(0, q0, len), indices.narrow(0, q0, len), mean_out.narrow(0, q0, len),
+                        var_out.narrow(0, q0, len), stream);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_moments_cuda(
