@@ -10,7 +10,7 @@ import threading
 
 import pytest
 import torch
-from testing import BIAS, SCALE, TRACE_CROSS, dtypes, needs_extension, oracle_moments, pair_data
+from testing import BIAS, SCALE, TRACE_CROSS, dtypes, needs_extension, oracle_moments, pair_data, tf32_matmul
 
 from bayesvlm_ext import ops
 
@@ -116,27 +116,15 @@ def test_cuda_topk_fallback_memory_is_o_n_k(generator):
             same(part, whole[start:start + 64])
 
 
-class _Tf32:
-    def __init__(self, on: bool):
-        self.on = on
-
-    def __enter__(self):
-        self.previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = self.on
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32 = self.previous
-
-
 @pytest.mark.parametrize("k", [10, 200], ids=["fused", "fallback"])
 def test_cuda_topk_tf32_runs_on_tensor_cores_within_its_budget(k, generator):
     # With TF32 allowed the fp32 GEMM rounds its inputs to 10-bit mantissas: the scores move by about 1e-4 of
     # their size (the tensor cores ran: full fp32 moves them by 1e-7), stay within the TF32 budget of the
     # float64 truth, and the chosen rows are the best up to that budget (near-ties may reorder: no index test).
     data = pair_data(128, 3000, 512, torch.float32, "cuda", generator)
-    with _Tf32(True):
+    with tf32_matmul(True):
         values, index, mean, _ = ops.topk_moments(*data, SCALE, BIAS, TRACE_CROSS, k, 0, KAPPA)
-    with _Tf32(False):
+    with tf32_matmul(False):
         full_values, _, _, _ = ops.topk_moments(*data, SCALE, BIAS, TRACE_CROSS, k, 0, KAPPA)
     exp_mean, _, magnitude = oracle_moments(*data)
     index = index.cpu()

@@ -16,7 +16,7 @@ TF32. The references run on the CPU, so that under the sanitizers the GPU runs l
 
 import pytest
 import torch
-from testing import devices, dtypes, needs_extension, spd, strided
+from testing import devices, dtypes, needs_extension, spd, strided, tf32_matmul
 
 from bayesvlm_ext import KronPosterior, _torch_impl, ops
 from bayesvlm_ext.moments import pairwise_inputs
@@ -45,20 +45,6 @@ def _math_cases():
 def _cases():
     return [pytest.param(device, dtype, id=f"{device}-{str(dtype).replace('torch.', '')}")
             for device in devices for dtype in dtypes]
-
-
-class _Tf32:
-    """torch's fp32 matmul setting for the duration of a call (the kernels read it at launch)."""
-
-    def __init__(self, on: bool):
-        self.on = on
-
-    def __enter__(self):
-        self.previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = self.on
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32 = self.previous
 
 
 def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -107,7 +93,7 @@ def test_pairwise_and_topk_kernels(device, dtype, tf32, variant, generator):
     tensors, trace_cross, proj = pair_inputs(dtype, device, variant, generator)
     ref_tensors, ref_proj = on_cpu64(tensors), on_cpu64(proj)
     tol = tolerance(dtype, tf32)
-    with _Tf32(tf32):
+    with tf32_matmul(tf32):
         for output in (0, 1, 2):
             got = ops.pairwise_moments(*tensors, SCALE, BIAS, trace_cross, output, *proj)
             want = _torch_impl.pairwise_moments(*ref_tensors, SCALE, BIAS, trace_cross, output, *ref_proj)

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from testing import (BIAS, SCALE, TRACE_CROSS, acc_dtype, budget, devices, dtypes, needs_extension, oracle_moments,
-                     pair_data)
+                     pair_data, tf32_matmul)
 
 from bayesvlm_ext import _torch_impl, ops
 
@@ -115,14 +115,10 @@ def test_pairwise_moments_tf32_within_tf32_budget(with_var, generator):
     # The result must also differ from full fp32 by more than fp32's own rounding (~1e-7): else the plain fp32
     # GEMM ran and this test would pass without testing TF32.
     data = pair_data(300, 700, 512, torch.float32, "cuda", generator, with_var)
-    previous = torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = True
+    with tf32_matmul(True):
         mean, var = ops.pairwise_moments(*data, SCALE, BIAS, TRACE_CROSS, 0)
-        torch.backends.cuda.matmul.allow_tf32 = False
+    with tf32_matmul(False):
         full_mean, full_var = ops.pairwise_moments(*data, SCALE, BIAS, TRACE_CROSS, 0)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
     exp_mean, exp_var, magnitude = oracle_moments(*data)
     assert ((mean.double().cpu() - exp_mean).abs() / magnitude).max() <= 2e-3
     assert ((var.double().cpu() - exp_var).abs() / exp_var).max() <= 2e-3

@@ -1,5 +1,6 @@
 """Shared test parameters: devices and dtypes, built once (a machine without a GPU runs fewer cases)."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -75,6 +76,17 @@ def oracle_moments(x, y, x_stats, y_stats, x_var, y_var, scale=SCALE, bias=BIAS,
     mean = scale * (x @ y.T) * c + bias
     magnitude = scale * (x.abs() @ y.abs().T) * c + abs(bias)
     return mean, scale**2 * dot_var * c * c, magnitude
+
+
+@contextlib.contextmanager
+def tf32_matmul(on: bool):
+    """torch's fp32 matmul setting for the duration of a block (the CUDA kernels read it at launch)."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def command_fails(main, capsys, argv: list[str], message: str, status: int = 1) -> None:
