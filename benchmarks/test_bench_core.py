@@ -241,7 +241,7 @@ def test_topk(benchmark, topk_inputs, device, score, dtype):
     benchmark.group = group_name("topk", dtype)
     queries, gallery = (with_mean_dtype(d, dtype) for d in topk_inputs)
     k = shapes(device)["topk"]["k"]
-    key, score, variant = score, score.removesuffix("_projected"), "projected" if score.endswith("projected") else None
+    name, score, variant = score, score.removesuffix("_projected"), "projected" if score.endswith("projected") else None
     if variant:  # the gallery keeps its projection statistics (computed once, like its cross_quad)
         gallery = gallery.with_projection()
     values, indices, mean, var = topk(queries, gallery, k, score=score, logit_scale=LOGIT_SCALE, variant=variant)
@@ -254,7 +254,7 @@ def test_topk(benchmark, topk_inputs, device, score, dtype):
     assert_close_to_oracle(f"topk {score}: best scores", values[:8].cpu(),
                            torch.sigmoid(best) if score == "probit" else best)
     run_timed(benchmark, lambda: topk(queries, gallery, k, score=score, logit_scale=LOGIT_SCALE, variant=variant),
-              device, "candidate", f"topk_{key}", "topk", dtype)
+              device, "candidate", f"topk_{name}", "topk", dtype)
 
 
 @pytest.mark.benchmark
