@@ -25,6 +25,10 @@ model (`default_model`, whose trained weights ship with the package; nothing is 
 8. kernel timings: the fused logit moments against the naive published formulation on the demo's
    sizes (every test image against every distinct caption).
 
+The ProbVLM trainings and the active-learning runs are single-threaded tasks on one worker process per core
+(`--processes N`; `common.Workers`): their tensors are too small for threads to help, and their results do not
+depend on the number of processes.
+
 Prints the tables and writes the same numbers to DIR/results.json (default outputs/demo):
 `zero_shot.{in_domain,shifted}.{map,bayesvlm_probit,bayesvlm_mc,bayesvlm_tuned,probvlm}.{acc,nlpd,ece}`,
 `retrieval.{map,bayesvlm,probvlm}.{image_to_text,text_to_image}.{recall@1,recall@5,recall@10,spearman}`,
