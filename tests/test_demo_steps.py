@@ -10,7 +10,7 @@ import torch
 from testing import spd
 
 from bayesvlm_ext import KronPosterior
-from bayesvlm_ext.demo import active_protocol, probvlm_seeds
+from bayesvlm_ext.demo import active_protocol, common, probvlm_seeds
 from bayesvlm_ext.demo.common import Workers
 
 f64 = torch.float64
@@ -34,6 +34,19 @@ def test_workers_give_the_results_of_an_inline_run_in_order():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="'processes' must be a positive int"):
             Workers(bad)
+
+
+def test_workers_run_the_tasks_inline_where_no_process_starts(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("process creation refused")
+
+    monkeypatch.setattr(common, "ProcessPoolExecutor", refuse)
+    calls = [(seed,) for seed in range(3)]
+    with Workers(1) as inline:
+        expected = inline.map(seeded_sum, calls)
+    with Workers(2) as workers, pytest.warns(UserWarning, match="running the tasks in this process"):
+        assert workers.map(seeded_sum, calls) == expected
+    assert workers.processes == 1
 
 
 def test_probvlm_trainings_in_workers_equal_inline_ones(generator):

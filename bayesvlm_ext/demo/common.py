@@ -9,7 +9,9 @@ import contextlib
 import math
 import multiprocessing
 import os
+import warnings
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import torch
 from torch import Tensor, nn
@@ -99,7 +101,8 @@ class Workers:
     and 10 ms on 1 here), so one single-threaded process per core is what uses the cores. A task's result does
     not depend on how many processes there are: with one (`Workers(1)`, or a single core) the tasks run here,
     in order, on one thread too. The processes are spawned (a forked copy of a process whose OpenMP threads
-    have run can hang) on the first `map` and reused until `close`.
+    have run can hang) on the first `map` and reused until `close`. Where no process can be started, or one
+    dies, the tasks run here instead, with a warning (the results are the same).
     """
 
     def __init__(self, processes: int | None = None):
@@ -109,14 +112,26 @@ class Workers:
         self._pool: ProcessPoolExecutor | None = None
 
     def map(self, fn, calls: list[tuple]) -> list:
-        if self.processes == 1 or len(calls) <= 1:
-            with single_thread():
-                return [fn(*args) for args in calls]
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=torch.set_num_threads, initargs=(1,))
-        futures = [self._pool.submit(fn, *args) for args in calls]
-        return [future.result() for future in futures]
+        if self.processes > 1 and len(calls) > 1:
+            try:
+                if self._pool is None:
+                    self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                                     initializer=torch.set_num_threads, initargs=(1,))
+                futures = [self._pool.submit(fn, *args) for args in calls]
+            except OSError as error:  # no process can be started here
+                self._run_here(error)
+            else:
+                try:
+                    return [future.result() for future in futures]  # a task's own exception propagates
+                except BrokenProcessPool as error:  # a worker died (killed, out of memory)
+                    self._run_here(error)
+        with single_thread():
+            return [fn(*args) for args in calls]
+
+    def _run_here(self, error: BaseException) -> None:
+        warnings.warn(f"demo worker processes unavailable ({error!r}); running the tasks in this process")
+        self.close()
+        self.processes = 1
 
     def close(self) -> None:
         if self._pool is not None:
